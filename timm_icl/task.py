@@ -1,0 +1,238 @@
+"""ICLTask: fine-tuning on distorted images with a constraint toward a frozen reference, as a timm task.
+
+One call, from clean images to the loss::
+
+    clean [B, 3, H, W] in [0, 1]
+      |-- sampler: one (kind, sigma) per image, on the device --> distorted --> normalise --> student
+      |                                                           (hooks capture h_dist; logits)
+      `-- normalise --> reference (frozen copy of the student at construction, no autograd,
+                        stops after the last constrained layer) --> 1[h_ref > 0] (or h_ref for MSE)
+    loss = CE(logits, target) + lambda * constraint(h_dist, reference targets)
+
+The reference is deliberately *not* a registered submodule: it is not in ``state_dict()`` (so not in
+checkpoints), not in ``parameters()`` (so not in the optimiser or DDP), and stays in eval mode.
+``.to()``/``.cuda()`` on the task still move it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from timm.task import TrainingTask
+from timm.utils.model import unwrap_model
+from torch import nn
+
+from .capture import capture_preactivations, resolve_layers, run_until_captured
+from .conditions import DistortionSampler, DistortionSet
+from .layers import default_layers
+from .losses import DEFAULT_LAMBDA, create_constraint
+
+__all__ = ["ICLTask"]
+
+_logger = logging.getLogger(__name__)
+
+
+class ICLTask(TrainingTask):
+    """Intermediate Constraint Loss fine-tuning task (and its baselines).
+
+    Args:
+        model: the timm student model (its weights at construction become the frozen reference).
+        constraint: ``"icl"`` (paper), ``"mse"`` (paper's baseline), ``"ab"`` (activation boundary) or
+            ``"none"`` (plain fine-tuning on distorted images).
+        constraint_weight: lambda; default 0.1 for icl, 0.05 for mse and ab, 0 for none.
+        layers: constrained layers (names, fnmatch patterns, ``name:input``); default the family preset.
+        distortions: distortion set or its text; default the paper's ten conditions.
+        clean_fraction: probability that a training image is left clean.
+        alpha: ICL sigmoid gain (paper: 100). margin: AB margin.
+        reference: an explicit frozen reference model (default: a deep copy of ``model``).
+        reference_dtype: dtype of the reference copy (e.g. ``torch.bfloat16`` for a cheaper reference).
+        criterion: recognition loss; default cross-entropy.
+        mean, std: input normalisation; default the model's ``pretrained_cfg``.
+        seed: seed of the distortion sampler (use a different seed per rank).
+
+    ``forward(images, target)`` returns ``{"loss", "output", "task_loss", "constraint_loss"}``.
+
+    Example:
+        >>> task = ICLTask(timm.create_model("vgg_tiny"), constraint="icl", seed=0)
+        >>> out = task(torch.rand(8, 3, 28, 28), torch.randint(0, 10, (8,)))
+        >>> out["loss"].backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        constraint: str = "icl",
+        constraint_weight: float | None = None,
+        layers: str | Sequence[str] | None = None,
+        distortions: str | DistortionSet | None = None,
+        clean_fraction: float = 0.0,
+        alpha: float = 100.0,
+        margin: float = 1.0,
+        reference: nn.Module | None = None,
+        reference_dtype: torch.dtype | None = None,
+        criterion: Callable | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verbose: bool = False,
+    ):
+        if device is None:  # follow the model rather than timm's CPU default, so .to() never moves it back
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else None
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        kwargs = {"icl": {"alpha": alpha}, "ab": {"margin": margin}}.get(constraint, {})
+        self.constraint_name = constraint
+        self.constraint = create_constraint(constraint, **kwargs)
+        self.constraint_weight = float(DEFAULT_LAMBDA[constraint] if constraint_weight is None else constraint_weight)
+        if self.constraint_weight < 0:
+            raise ValueError(f"constraint_weight (lambda) must be >= 0, got {self.constraint_weight}")
+        self.trainable_module = model
+        self.layers = resolve_layers(model, default_layers(model) if layers is None else layers)
+        self.sampler = DistortionSampler(distortions, clean_fraction=clean_fraction, seed=seed)
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = mean if mean is not None else cfg.get("mean")
+        std = std if std is not None else cfg.get("std")
+        if mean is None or std is None:
+            raise ValueError("the model has no pretrained_cfg mean/std; pass mean=... and std=... to ICLTask")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+        # The reference exists only when a constraint uses it: plain fine-tuning pays nothing.
+        ref = None
+        if self.constraint is not None:
+            ref = reference if reference is not None else copy.deepcopy(unwrap_model(model))
+            ref = ref.eval().requires_grad_(False)
+            if reference_dtype is not None:
+                ref = ref.to(reference_dtype)
+            resolve_layers(ref, self.layers)  # fail early if the explicit reference lacks the layers
+        self._reference_holder: list[nn.Module | None] = [ref]  # a list hides it from nn.Module registration
+        self.to(self.device)
+        self._checked_input_range = False
+
+    # -- the reference, outside nn.Module's bookkeeping -------------------------------------------------
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen reference model (``None`` for plain fine-tuning)."""
+        return self._reference_holder[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        ref = self._reference_holder[0] if hasattr(self, "_reference_holder") else None
+        if ref is not None:
+            ref_dtype = next(ref.parameters()).dtype
+            ref._apply(fn)
+            # keep a deliberately reduced-precision reference reduced (e.g. task.float() after bf16 copy)
+            if next(ref.parameters()).dtype != ref_dtype and ref_dtype in (torch.bfloat16, torch.float16):
+                ref.to(ref_dtype)
+        return result
+
+    def train(self, mode: bool = True) -> ICLTask:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    # -- timm task API ----------------------------------------------------------------------------------
+    def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> ICLTask:
+        """Wrap the student in DDP; the reference stays unwrapped (it has no gradients)."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = "inductor", mode: str | None = None, **compile_kwargs) -> nn.Module:
+        """Compile the student (hooks are registered on the unwrapped module and fire through compile)."""
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        return self.trainable_module
+
+    def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module:
+        """The plain timm student, unwrapped from DDP / torch.compile."""
+        if module is None:
+            module = self.get_trainable_module(ema=ema)
+        return unwrap_model(module)
+
+    # -- the computation --------------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(images - mean) / std`` with the model's pretrained config; images ``[B, C, H, W]`` in [0, 1]."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    @torch.no_grad()
+    def reference_targets(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reference targets for clean images ``[B, C, H, W]`` in [0, 1]: ``{layer: bool bits}`` for
+        ICL/AB (one bit per unit is all they use), ``{layer: float32 h_ref}`` for MSE.
+
+        The forward stops after the last constrained layer (the head is never run).
+        """
+        ref = self.reference
+        if ref is None:
+            raise RuntimeError("plain fine-tuning (constraint='none') has no reference model")
+        needs_values = getattr(self.constraint, "needs_reference_values", True)
+        transform = (lambda h: h.float()) if needs_values else (lambda h: h > 0)
+        ref_dtype = next(ref.parameters()).dtype
+        x = self.normalize(images).to(ref_dtype)
+        return run_until_captured(ref, x, self.layers, transform=transform)
+
+    def _check_input_range(self, images: torch.Tensor) -> None:
+        # Once per task: a normalised batch passed by mistake would silently distort the wrong scale.
+        if self._checked_input_range:
+            return
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(
+                f"ICLTask expects clean, un-normalised images in [0, 1] (it distorts, then normalises itself); "
+                f"got values in [{lo:.3f}, {hi:.3f}]. Remove the Normalize step from the data pipeline."
+            )
+        self._checked_input_range = True
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        reference_targets: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One training forward.
+
+        Args:
+            input: clean images ``[B, C, H, W]`` in [0, 1] (not normalised).
+            target: class indices ``[B]``.
+            reference_targets: precomputed ``{layer: bits}`` (e.g. from a target cache); skips the reference.
+
+        Returns:
+            dict with ``loss`` (scalar), ``output`` (logits ``[B, num_classes]``), ``task_loss`` (CE on the
+            distorted images) and ``constraint_loss`` (float32, unweighted; 0 for plain fine-tuning).
+        """
+        self._check_input_range(input)
+        distorted, _ = self.sampler(input)
+        if self.constraint is not None and reference_targets is None:
+            reference_targets = self.reference_targets(input)
+
+        student = self.get_eval_model()  # hooks go on the unwrapped module; the call goes through the wrapper
+        if self.constraint is not None:
+            with capture_preactivations(student, self.layers) as acts:
+                logits = self.trainable_module(self.normalize(distorted))
+            constraint_loss = self.constraint(acts, reference_targets)
+        else:
+            logits = self.trainable_module(self.normalize(distorted))
+            constraint_loss = torch.zeros((), device=logits.device, dtype=torch.float32)
+        task_loss = self.criterion(logits, target)
+        loss = task_loss + self.constraint_weight * constraint_loss
+        return {
+            "loss": loss,
+            "output": logits,
+            "task_loss": task_loss.detach(),
+            "constraint_loss": constraint_loss.detach(),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"constraint={self.constraint_name}, lambda={self.constraint_weight}, layers={self.layers}, "
+            f"sampler={self.sampler!r}"
+        )
