@@ -17,7 +17,7 @@ FAMILIES = [
     ("mobilenetv3_small_050", {}, 32, ["blocks.5.0.bn1.act:input", "act2:input"]),
     ("test_convnext", {}, 32, ["stages.3.blocks.0.mlp.fc1", "stages.3.blocks.1.mlp.fc1"]),
     ("test_vit", {}, 64, ["blocks.4.mlp.fc1", "blocks.5.mlp.fc1"]),
-    ("regnetx_002", {}, 32, ["s4.b6.act3:input", "s4.b7.act3:input"]),
+    ("regnetx_002", {"zero_init_last": False}, 32, ["s4.b6.act3:input", "s4.b7.act3:input"]),
 ]
 
 
