@@ -9,6 +9,7 @@ Sized to finish in under 8 minutes on one H100 (about 4 min measured budget plus
 """
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -51,8 +52,6 @@ def measure(constraint: str, precision: str, compiled: bool, args) -> dict:
         torch.cuda.synchronize()
         rates.append(args.batch_size * args.steps / (time.perf_counter() - start))
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del task, model, opt
-    torch.cuda.empty_cache()
     return {"images_per_s": statistics.median(rates), "peak_gib": peak}
 
 
@@ -73,6 +72,8 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             for constraint in ("none", "icl"):
                 r = measure(constraint, precision, compiled, args)
+                gc.collect()
+                torch.cuda.empty_cache()
                 r.update(constraint=constraint, precision=precision, compiled=compiled)
                 rows.append(r)
                 print(
