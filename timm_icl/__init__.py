@@ -15,6 +15,7 @@ from .capture import capture_preactivations, resolve_layers, run_until_captured
 from .conditions import (
     IMAGENET_C_DISTORTIONS,
     PAPER_DISTORTIONS,
+    SMALL_IMAGE_DISTORTIONS,
     Distortion,
     DistortionSampler,
     DistortionSet,
@@ -59,6 +60,7 @@ __all__ = [
     "parse_distortions",
     "PAPER_DISTORTIONS",
     "IMAGENET_C_DISTORTIONS",
+    "SMALL_IMAGE_DISTORTIONS",
     "capture_preactivations",
     "resolve_layers",
     "run_until_captured",

@@ -26,6 +26,7 @@ __all__ = [
     "parse_distortions",
     "PAPER_DISTORTIONS",
     "IMAGENET_C_DISTORTIONS",
+    "SMALL_IMAGE_DISTORTIONS",
     "KINDS",
 ]
 
@@ -71,7 +72,8 @@ class Distortion:
 def parse_distortions(text: str | Iterable[Distortion] | DistortionSet | None) -> DistortionSet:
     """Parse ``"noise:20,40 blur:2,4"`` (space- or semicolon-separated groups ``kind:s1,s2,...``).
 
-    ``None`` or ``"paper"`` gives the paper's set; ``"imagenet-c"`` the ImageNet-C noise/blur set.
+    ``None`` or ``"paper"`` gives the paper's set; ``"imagenet-c"`` the ImageNet-C noise/blur set;
+    ``"small"`` (alias ``"28px"``, ``"fashion-mnist"``) the set scaled for 28 px images.
     """
     if text is None:
         return PAPER_DISTORTIONS
@@ -84,6 +86,8 @@ def parse_distortions(text: str | Iterable[Distortion] | DistortionSet | None) -
         return PAPER_DISTORTIONS
     if key in ("imagenet-c", "imagenet_c", "imagenetc"):
         return IMAGENET_C_DISTORTIONS
+    if key in ("small", "28px", "fashion-mnist"):
+        return SMALL_IMAGE_DISTORTIONS
     conditions: list[Distortion] = []
     for group in key.replace(";", " ").split():
         kind, sep, values = group.partition(":")
@@ -155,6 +159,16 @@ PAPER_DISTORTIONS = DistortionSet(
 IMAGENET_C_DISTORTIONS = DistortionSet(
     [Distortion("noise", round(c * 255, 4)) for c in (0.08, 0.12, 0.18, 0.26, 0.38)]
     + [Distortion("blur", float(s), 2 * math.ceil(4 * s) + 1) for s in (1, 2, 3, 4, 6)]
+)
+
+
+# The paper's set scaled to 28 px images (Fashion-MNIST). The paper's blur sigmas (2-10 px, kernels 7-39)
+# are meant for 224 px: at 28 px sigma 10 leaves a flat image, and the paper's kernel rule 4*sigma-1
+# makes sigma <= 0.5 an identity (kernel 1). The noise at the paper's sigmas is milder on small, high-
+# contrast images. Chosen so that a clean-trained vgg_tiny (87.6% clean) falls from mild to severe
+# across five levels, as on ImageNet: noise 30..150 -> 85%..39%, blur 1..3 px (kernels 3..11) -> 85%..55%.
+SMALL_IMAGE_DISTORTIONS = DistortionSet(
+    [Distortion("noise", s) for s in (30, 60, 90, 120, 150)] + [Distortion("blur", s) for s in (1, 1.5, 2, 2.5, 3)]
 )
 
 
