@@ -1,0 +1,148 @@
+"""Robustness evaluation: numbers equal a hand-computed loop, reproducible JSON, table and plot."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import timm_icl  # noqa: F401  (registers vgg_tiny)
+from timm_icl.conditions import Distortion, parse_distortions
+from timm_icl.distortions import gaussian_blur, gaussian_noise
+from timm_icl.evaluate import (
+    distort,
+    evaluate_robustness,
+    format_table,
+    load_results,
+    noise_seed,
+    plot_accuracy_vs_sigma,
+    save_results,
+)
+
+DISTORTIONS = "noise:30,90 blur:1,2"
+
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    # A small conv net whose predictions do depend on pixel detail (a random-init VGG predicts one class for
+    # every random image, which would make the distortions invisible in the numbers).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 26 * 26, 10)
+    ).eval()
+    images = torch.rand(22, 3, 28, 28)
+    with torch.no_grad():
+        pred = model(_normalize(images)).argmax(1)
+    labels = pred.clone()
+    labels[::3] = (pred[::3] + 1) % 10  # some clean mistakes too
+    return model, images, labels
+
+
+def _normalize(x):
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def _loader(images, labels, batch_size):
+    return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+
+
+def test_numbers_equal_hand_computed_loop(model_and_data):
+    model, images, labels = model_and_data
+    results = evaluate_robustness(model, _loader(images, labels, 5), DISTORTIONS, seed=3, mean=MEAN, std=STD)
+
+    conditions = [Distortion("clean")] + list(parse_distortions(DISTORTIONS))
+    assert list(results["conditions"]) == ["clean", "noise30", "noise90", "blur1", "blur2"]
+    for ci, cond in enumerate(conditions):
+        top1 = top5 = 0
+        per_image = []
+        for j in range(len(images)):  # one image at a time, distortion functions called directly
+            x = images[j : j + 1]
+            if cond.kind == "noise":
+                x = gaussian_noise(x, cond.sigma, generator=torch.Generator().manual_seed(noise_seed(3, ci, j)))
+            elif cond.kind == "blur":
+                x = gaussian_blur(x, cond.sigma)
+            with torch.no_grad():
+                logits = model(_normalize(x))[0]
+            ranked = logits.argsort(descending=True).tolist()
+            top1 += ranked[0] == labels[j].item()
+            top5 += labels[j].item() in ranked[:5]
+            per_image.append(int(ranked[0] == labels[j].item()))
+        got = results["conditions"][cond.name]
+        assert got["correct"] == top1 and got["count"] == len(images)
+        assert got["top1"] == pytest.approx(top1 / len(images))
+        assert got["top5"] == pytest.approx(top5 / len(images))
+        assert results["per_image"][cond.name] == per_image
+    # the distortions must actually matter for this test to mean anything
+    assert results["conditions"]["noise90"]["top1"] < results["conditions"]["clean"]["top1"]
+    s = results["summary"]
+    c = results["conditions"]
+    assert s["clean"] == c["clean"]["top1"]
+    assert s["noise"] == pytest.approx((c["noise30"]["top1"] + c["noise90"]["top1"]) / 2)
+    assert s["blur"] == pytest.approx((c["blur1"]["top1"] + c["blur2"]["top1"]) / 2)
+
+
+def test_two_runs_identical_json_any_batch_size(model_and_data, tmp_path):
+    model, images, labels = model_and_data
+    a = evaluate_robustness(model, _loader(images, labels, 4), DISTORTIONS, seed=0, mean=MEAN, std=STD)
+    b = evaluate_robustness(model, _loader(images, labels, 4), DISTORTIONS, seed=0, mean=MEAN, std=STD)
+    c = evaluate_robustness(model, _loader(images, labels, 22), DISTORTIONS, seed=0, mean=MEAN, std=STD)
+    pa, pb, pc = (
+        save_results(a, tmp_path / "a.json"),
+        save_results(b, tmp_path / "b.json"),
+        save_results(c, tmp_path / "c.json"),
+    )
+    assert pa.read_bytes() == pb.read_bytes() == pc.read_bytes()
+    assert load_results(pa) == json.loads(pa.read_text())
+    # the seed matters: another seed draws other noise for the same image
+    noise = Distortion("noise", 30)
+    x0 = distort(images[:2], noise, seed=0, condition_index=1)
+    x1 = distort(images[:2], noise, seed=1, condition_index=1)
+    assert not torch.equal(x0, x1)
+    assert torch.equal(x0[1:], distort(images[1:2], noise, seed=0, condition_index=1, image_indices=[1]))
+
+
+def test_default_set_is_papers_and_topk_options(model_and_data):
+    _, images, labels = model_and_data
+    model = timm.create_model("vgg_tiny", num_classes=10)  # mean/std from its pretrained_cfg
+    res = evaluate_robustness(model, _loader(images[:4], labels[:4], 4), topk=(1,), per_image=False)
+    assert list(res["conditions"]) == ["clean"] + [f"noise{s}" for s in (20, 40, 60, 80, 100)] + [
+        f"blur{s}" for s in (2, 4, 6, 8, 10)
+    ]
+    assert "per_image" not in res and "top5" not in res["conditions"]["clean"]
+    assert res["distortions"] == "noise:20,40,60,80,100 blur:2,4,6,8,10"
+
+
+def test_bad_batches_give_clear_errors(model_and_data):
+    model, images, labels = model_and_data
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        evaluate_robustness(model, [(images[:2, :1], labels[:2])], "noise:20")
+    with pytest.raises(ValueError, match="tuples"):
+        evaluate_robustness(model, [images[:2]], "noise:20")
+
+
+def _fake(clean, noise, blur):
+    conds = {"clean": {"kind": "clean", "sigma": 0.0, "top1": clean}}
+    conds.update({f"noise{s}": {"kind": "noise", "sigma": float(s), "top1": v} for s, v in zip((20, 40), noise)})
+    conds.update({f"blur{s}": {"kind": "blur", "sigma": float(s), "top1": v} for s, v in zip((2, 4), blur)})
+    return {"conditions": conds}
+
+
+def test_format_table_paper_layout():
+    table = format_table(
+        {"Fine-tuning": _fake(0.6744, (0.6, 0.5), (0.55, 0.45)), "ICL": _fake(0.6769, (0.62, 0.5), (0.5, 0.4))}
+    )
+    lines = table.splitlines()
+    assert lines[0] == "| method | clean | noise mean | blur mean | noise20 | noise40 | blur2 | blur4 |"
+    assert lines[2] == "| Fine-tuning | 0.6744 | 0.5500 | 0.5000 | 0.6000 | 0.5000 | 0.5500 | 0.4500 |"
+    assert lines[3].startswith("| ICL | 0.6769 | 0.5600 | 0.4500 |")
+
+
+def test_plot_writes_png(tmp_path):
+    path = plot_accuracy_vs_sigma(
+        {"a": _fake(0.9, (0.8, 0.6), (0.7, 0.5)), "b": _fake(0.9, (0.85, 0.7), (0.75, 0.6))}, tmp_path / "p.png"
+    )
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
