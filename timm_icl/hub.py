@@ -1,0 +1,434 @@
+"""Export a fine-tuned model as a folder timm (and transformers) can load, with a model card, and push it to the Hub.
+
+The exported folder holds::
+
+    config.json              timm's config (``save_for_hf``) + an ``"icl"`` block: method, lambda, alpha, layers, ...
+    model.safetensors        the student's weights (no pickle ``.bin``)
+    README.md                the model card from ``model_cards/template.md`` (model-index: one result per condition)
+    eval_results.json        the evaluation numbers (without per-image lists), when given
+    accuracy_vs_sigma.png    accuracy against distortion strength, when results are given
+
+and loads with ``timm.create_model("local-dir:<folder>", pretrained=True)`` or, once pushed,
+``timm.create_model("hf-hub:<repo_id>", pretrained=True)``.
+
+Example:
+    >>> folder = export_model(task.get_eval_model(), "runs/icl/model", icl_config=cfg, results=res)  # doctest: +SKIP
+    >>> push_to_hub(folder, "me/vgg16-icl")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .evaluate import format_table, plot_accuracy_vs_sigma
+
+__all__ = ["export_model", "push_to_hub", "render_model_card", "HubError", "resolve_model_folder", "TEMPLATE_PATH"]
+
+_logger = logging.getLogger(__name__)
+
+#: The card template (Jinja2, rendered by huggingface_hub's ``ModelCard.from_template``).
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+RESULTS_NAME = "eval_results.json"
+PLOT_NAME = "accuracy_vs_sigma.png"
+_EXPORTED = ("config.json", "model.safetensors", "README.md", RESULTS_NAME, PLOT_NAME)
+
+_METHODS = {
+    "icl": (
+        "Intermediate Constraint Loss (ICL)",
+        "While the model is fine-tuned on distorted images with their labels, each constrained pre-activation unit of "
+        "the fine-tuned network on the *distorted* image is pushed to fire (> 0) exactly when the same unit of the "
+        "original, frozen network fires on the *clean* image: `loss = CE + lambda * BCE(sigmoid(alpha * h_dist), "
+        "1[h_ref > 0])` (Suzuki et al., FIT 2020).",
+    ),
+    "mse": (
+        "MSE intermediate constraint",
+        "Fine-tuning on distorted images with `loss = CE + lambda * mean((h_dist - h_ref)^2)` on the constrained "
+        "pre-activations, h_ref from the frozen original network on the clean image (the paper's MSE baseline).",
+    ),
+    "ab": (
+        "activation-boundary constraint",
+        "Fine-tuning on distorted images with a margin hinge loss that keeps each constrained pre-activation on the "
+        "same side of zero as the frozen original network on the clean image (Heo et al., AAAI 2019).",
+    ),
+    "none": (
+        "plain fine-tuning on distorted images",
+        "Fine-tuning on distorted images with their labels and cross-entropy only (the paper's baseline, lambda = 0).",
+    ),
+}
+
+
+class HubError(RuntimeError):
+    """A push to the Hub failed for a reason the user can fix (offline, not authorised, bad repo id)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------------------------
+def _plain_model(model: nn.Module) -> nn.Module:
+    """The timm model inside an ICLTask / DDP / torch.compile wrapper."""
+    if hasattr(model, "get_eval_model") and callable(model.get_eval_model):
+        model = model.get_eval_model()
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
+            model = getattr(model, attr)
+    return model
+
+
+def _json_safe(value: Any) -> Any:
+    """Make a config value JSON-serialisable (tuples -> lists, DistortionSet -> text, others -> str)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "to_text"):
+        return value.to_text()
+    return str(value)
+
+
+def _strip_per_image(results: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in results.items() if k != "per_image"}
+
+
+def export_model(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    icl_config: Mapping[str, Any] | None = None,
+    results: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    dataset: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,  # noqa: A002  (the Hub's metadata key)
+    label_names: list[str] | None = None,
+) -> Path:
+    """Write ``model`` as a folder that ``timm.create_model("local-dir:<out_dir>", pretrained=True)`` loads.
+
+    Args:
+        model: the fine-tuned timm model (an ``ICLTask`` or a DDP/compiled wrapper is unwrapped to its student).
+        out_dir: the folder (created; files of a previous export there are replaced, a stale
+            ``pytorch_model.bin`` removed).
+        icl_config: the training settings recorded in config.json's ``"icl"`` block, e.g. ``{"method": "icl",
+            "lambda": 0.1, "alpha": 100, "layers": [...], "distortions": "noise:20,... blur:2,...",
+            "reference_model": "vgg16.tv_in1k"}`` (``constraint``/``constraint_weight`` are accepted as aliases).
+        results: an :func:`~timm_icl.evaluate.evaluate_robustness` result: card table, model-index, plot.
+        model_name: the card's title and model-index name (default: the folder name).
+        dataset: training/evaluation dataset id, e.g. ``"zalando-datasets/fashion_mnist"``.
+        base_model: the model fine-tuned from, e.g. ``"timm/vgg16.tv_in1k"``.
+        license: licence id of these weights (e.g. ``"apache-2.0"``); also written to the pretrained config.
+        label_names: class names, index = class id (written to config.json for pipelines).
+
+    Returns:
+        The folder path.
+    """
+    from timm.models import save_for_hf
+
+    model = _plain_model(model)
+    if not getattr(model, "pretrained_cfg", None):
+        raise ValueError(
+            "the model has no pretrained_cfg (built by hand?); "
+            "create it with timm.create_model(...) so that it can be exported"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("pytorch_model.bin", PLOT_NAME, RESULTS_NAME):
+        (out_dir / stale).unlink(missing_ok=True)
+
+    model_config: dict[str, Any] = {}
+    pretrained_override: dict[str, Any] = {"tag": "icl"}
+    if license:
+        pretrained_override["license"] = license
+    model_config["pretrained_cfg"] = pretrained_override
+    if label_names:
+        if len(label_names) != model.num_classes:
+            raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes")
+        model_config["label_names"] = list(label_names)
+    save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True)
+
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    # transformers' TimmWrapper passes num_classes itself and then fails with "got multiple values for keyword
+    # argument 'num_classes'" when model_args repeats it; timm reads the top-level num_classes anyway.
+    config.get("model_args", {}).pop("num_classes", None)
+    icl = dict(_json_safe(dict(icl_config or {})))
+    if "constraint" in icl and "method" not in icl:
+        icl["method"] = icl.pop("constraint")
+    if "constraint_weight" in icl and "lambda" not in icl:
+        icl["lambda"] = icl.pop("constraint_weight")
+    icl.setdefault("method", None)
+    for key, value in (("dataset", dataset), ("base_model", base_model), ("license", license)):
+        if value is not None or key not in icl:
+            icl[key] = value if value is not None else icl.get(key)
+    icl["model_name"] = model_name or icl.get("model_name") or out_dir.resolve().name
+    config["icl"] = icl
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+    if results is not None:
+        (out_dir / RESULTS_NAME).write_text(json.dumps(_strip_per_image(results), indent=1, sort_keys=True) + "\n")
+        try:
+            plot_accuracy_vs_sigma({icl["model_name"]: results}, out_dir / PLOT_NAME, title=icl["model_name"])
+        except ImportError:
+            _logger.warning("matplotlib is not installed: the card has no plot")
+    (out_dir / "README.md").write_text(render_model_card(out_dir))
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model card
+# --------------------------------------------------------------------------------------------------------------------
+def _eval_results(results: Mapping[str, Any], dataset: str | None, dataset_name: str) -> list:
+    from huggingface_hub import EvalResult
+
+    out = []
+    for name, cond in results["conditions"].items():
+        # dataset_config carries the condition: the Hub groups metrics into one result per (task, dataset, config)
+        common = dict(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=dataset or "unknown",
+            dataset_name=f"{dataset_name} ({name})",
+            dataset_config=name,
+            dataset_split="test",
+            dataset_args={"distortion": cond["kind"], "sigma": cond["sigma"]},
+        )
+        out.append(
+            EvalResult(metric_type="accuracy", metric_name="top-1 accuracy", metric_value=cond["top1"], **common)
+        )
+        if cond.get("top5") is not None:
+            out.append(
+                EvalResult(metric_type="accuracy", metric_name="top-5 accuracy", metric_value=cond["top5"], **common)
+            )
+    return out
+
+
+def render_model_card(folder: str | Path, repo_id: str | None = None, *, transformers_ok: bool = True) -> str:
+    """Render README.md for an exported folder from its config.json (``icl`` block) and eval_results.json.
+
+    Args:
+        folder: an exported folder.
+        repo_id: the Hub repository (the card then shows ``hf-hub:<repo_id>``; else ``local-dir:<folder>``).
+        transformers_ok: show the transformers snippet (the export drops ``model_args.num_classes``, which makes
+            the folder loadable by transformers' TimmWrapper; tested in tests/test_hub.py).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    icl = config.get("icl", {})
+    results_path = folder / RESULTS_NAME
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    model_name = icl.get("model_name") or folder.resolve().name
+    dataset = icl.get("dataset")
+    dataset_name = {"fashion-mnist": "Fashion-MNIST"}.get(dataset or "", dataset or "evaluation set")
+    dataset_id = "zalando-datasets/fashion_mnist" if dataset == "fashion-mnist" else dataset
+    base_model = icl.get("base_model")
+    if base_model and base_model.startswith("hf-hub:"):
+        base_model = base_model[len("hf-hub:") :]
+    method = (icl.get("method") or "icl").lower()
+    method_title, method_text = _METHODS.get(method, (method, ""))
+    tags = ["timm", "image-classification", "robustness", "gaussian-noise", "gaussian-blur", "timm-icl"]
+    if method == "icl":
+        tags.append("intermediate-constraint-loss")
+    card_data = ModelCardData(
+        library_name="timm",
+        model_name=model_name,
+        base_model=base_model if base_model and "/" in base_model else None,
+        datasets=[dataset_id] if dataset_id and "/" in dataset_id else None,
+        license=icl.get("license") or config.get("pretrained_cfg", {}).get("license"),
+        pipeline_tag="image-classification",
+        tags=tags,
+        metrics=["accuracy"] if results else None,
+        eval_results=_eval_results(results, dataset_id, dataset_name) if results else None,
+    )
+    hp_keys = [k for k in icl if k not in ("model_name", "dataset", "base_model", "license", "method")]
+    hyperparameters = [("method", method)] + [(k, _format_value(icl[k])) for k in hp_keys]
+    pcfg = config.get("pretrained_cfg", {})
+    input_size = pcfg.get("input_size", [3, 224, 224])
+    eval_text = ""
+    if results:
+        eval_text = (
+            f"Top-1 accuracy on {dataset_name} ({results.get('num_samples', '?')} images), clean and under each "
+            f"condition (distortions `{results.get('distortions', '')}`, noise seed {results.get('seed', 0)}; "
+            "reproduce with `timm-icl eval`)."
+        )
+    load_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder}"
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        summary=f"A `{config.get('architecture')}` image classifier ({config.get('num_classes')} classes) "
+        f"made robust to noise and blur.",
+        method_title=method_title,
+        method_text=method_text,
+        hyperparameters=hyperparameters,
+        base_model=base_model,
+        license=card_data.license,
+        dataset_text=(
+            f"Fine-tuned and evaluated on {dataset_name}"
+            + (f" (`{dataset_id}`)" if dataset_id and dataset_id != dataset_name else "")
+            + "; every training image distorted with one condition drawn from the training distortion set."
+            if dataset
+            else "Not recorded."
+        ),
+        load_id=load_id,
+        hub_id=repo_id or str(folder),
+        transformers_ok=transformers_ok,
+        input_size=f"{input_size[1]}x{input_size[2]}",
+        mean=_format_value(pcfg.get("mean")),
+        std=_format_value(pcfg.get("std")),
+        results_table=format_table({model_name: results}) if results else "",
+        eval_text=eval_text,
+        plot=PLOT_NAME if (folder / PLOT_NAME).exists() else None,
+    )
+    return str(card)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(
+            f"`{v}`" if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v) for v in value
+        )
+    if isinstance(value, float):
+        return f"{value:g}"
+    return f"`{value}`" if isinstance(value, str) else str(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# push
+# --------------------------------------------------------------------------------------------------------------------
+def resolve_model_folder(path: str | Path) -> Path:
+    """An exported folder, or a recipe run folder whose exported model is ``RUN/model``."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    raise ValueError(
+        f"{path} is not an exported model folder (no config.json + model.safetensors, nor model/ with them)"
+    )
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or env
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+    retries: int = 3,
+) -> str | None:
+    """Upload an exported folder to the Hub (main process only), re-rendering its card for ``repo_id`` first.
+
+    Every push uploads the card again, so it always matches the weights and numbers (timm's own push writes a
+    README only once). The token is passed to huggingface_hub only (default: ``HF_TOKEN`` or the saved login);
+    it is never written to a file or a log message.
+
+    Args:
+        folder: an exported folder (or a recipe run folder containing ``model/``).
+        repo_id: ``"user/name"``.
+        token: a write token; ``None`` uses huggingface_hub's own lookup.
+        private: create the repository as private (if it does not exist yet).
+        commit_message: default ``"Upload <model_name> (timm-icl)"``.
+        retries: attempts on transient failures (connection errors, HTTP 429/5xx), with 1, 2, 4 ... s back-off.
+
+    Returns:
+        The commit URL, or ``None`` on non-main processes.
+
+    Raises:
+        HubError: offline mode, not authorised, or the Hub kept failing; the local folder is left intact.
+        ValueError: ``folder`` is not an exported model or ``repo_id`` is malformed.
+    """
+    folder = resolve_model_folder(folder)
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}")
+    if not _is_main_process():
+        return None
+    if _offline():
+        raise HubError(
+            f"cannot push to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset it to push. "
+            f"The exported folder {folder} is unchanged."
+        )
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    # Update the card for this repository: load snippet with hf-hub:<repo_id>. Written to a copy first so that a
+    # failure cannot leave a half-written README in the user's folder.
+    card = render_model_card(folder, repo_id)
+    tmp = folder / ".README.md.tmp"
+    tmp.write_text(card)
+    os.replace(tmp, folder / "README.md")
+
+    config = json.loads((folder / "config.json").read_text())
+    message = commit_message or f"Upload {config.get('icl', {}).get('model_name') or folder.name} (timm-icl)"
+    api = HfApi(token=token)
+    files = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+    ]
+    delay = 1.0
+    for attempt in range(1, max(1, retries) + 1):
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            operations = [
+                CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files
+            ]
+            info = api.create_commit(repo_id, operations, commit_message=message, repo_type="model")
+            return str(info.commit_url)
+        except RepositoryNotFoundError as e:
+            raise HubError(_auth_message(repo_id, e)) from None
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status in (401, 403):
+                raise HubError(_auth_message(repo_id, e)) from None
+            if status is not None and status < 500 and status != 429:
+                raise HubError(f"the Hub refused the push to {repo_id} (HTTP {status}): {_first_line(e)}") from None
+            last = f"HTTP {status}: {_first_line(e)}"
+        except OSError as e:  # connection refused / reset, DNS, timeouts (httpx errors are not OSError: see below)
+            last = f"{type(e).__name__}: {_first_line(e)}"
+        except Exception as e:  # httpx transport errors
+            if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore"):
+                raise
+            last = f"{type(e).__name__}: {_first_line(e)}"
+        if attempt < retries:
+            _logger.warning("push to %s failed (%s); retrying in %.0f s", repo_id, last, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise HubError(
+        f"push to {repo_id} failed after {retries} attempts ({last}); the exported folder {folder} is intact"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _auth_message(repo_id: str, e: BaseException) -> str:
+    return (
+        f"not authorised to push to {repo_id}: log in with `hf auth login` or set HF_TOKEN to a token with write "
+        f"access to that namespace ({_first_line(e)})"
+    )
