@@ -1,0 +1,204 @@
+"""Export and Hub round trips: local-dir and hf-hub loading give identical logits, the card parses back, offline and
+unauthorised pushes fail with clear messages, transformers agrees with timm."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard
+
+import timm_icl  # noqa: F401  (registers vgg_tiny)
+from timm_icl.evaluate import evaluate_robustness
+from timm_icl.hub import HubError, export_model, push_to_hub
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import HubServer  # noqa: E402
+
+ICL_CONFIG = {
+    "constraint": "icl",
+    "constraint_weight": 0.1,
+    "alpha": 100.0,
+    "layers": ("pre_logits.fc1", "pre_logits.fc2"),
+    "distortions": "noise:30,60 blur:1,2",
+    "reference_model": "vgg_tiny (clean-trained)",
+}
+TOKEN = "hf_fAkEtOkEn0123456789"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = timm.create_model("vgg_tiny", num_classes=10).eval()
+    images, labels = torch.rand(12, 3, 28, 28), torch.randint(0, 10, (12,))
+    results = evaluate_robustness(model, [(images, labels)], "noise:30,60 blur:1,2", seed=0)
+    return model, results
+
+
+@pytest.fixture()
+def exported(trained, tmp_path):
+    model, results = trained
+    folder = export_model(
+        model,
+        tmp_path / "run" / "model",
+        icl_config=ICL_CONFIG,
+        results=results,
+        model_name="vgg-tiny-icl-test",
+        dataset="fashion-mnist",
+        license="mit",
+    )
+    return folder
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_export_then_local_dir_gives_identical_logits(trained, exported):
+    model, results = trained
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "README.md",
+        "accuracy_vs_sigma.png",
+        "config.json",
+        "eval_results.json",
+        "model.safetensors",
+    ]  # safetensors only, no pickle .bin
+    loaded = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    x = torch.rand(3, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+    config = json.loads((exported / "config.json").read_text())
+    assert "num_classes" not in config.get("model_args", {}) and config["num_classes"] == 10
+    icl = config["icl"]
+    assert icl["method"] == "icl" and icl["lambda"] == 0.1 and icl["alpha"] == 100.0
+    assert icl["layers"] == ["pre_logits.fc1", "pre_logits.fc2"] and icl["dataset"] == "fashion-mnist"
+    assert icl["reference_model"] == "vgg_tiny (clean-trained)" and icl["distortions"] == "noise:30,60 blur:1,2"
+
+    card = ModelCard.load(exported / "README.md")
+    assert card.data.library_name == "timm" and card.data.license == "mit"
+    assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    top1 = {r.dataset_config: r.metric_value for r in card.data.eval_results if r.metric_name == "top-1 accuracy"}
+    assert top1 == {name: c["top1"] for name, c in results["conditions"].items()}
+    assert "| vgg-tiny-icl-test |" in card.text and "accuracy_vs_sigma.png" in card.text
+    assert "@inproceedings" in card.text
+
+
+def test_export_rejects_model_without_pretrained_cfg(tmp_path):
+    with pytest.raises(ValueError, match="pretrained_cfg"):
+        export_model(torch.nn.Linear(2, 2), tmp_path / "m")
+
+
+def test_offline_push_fails_at_once_and_folder_is_intact(exported, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _digest(exported)
+    start = time.perf_counter()
+    with pytest.raises(HubError, match="offline mode is on"):
+        push_to_hub(exported, "user/vgg-tiny-icl", token=TOKEN)
+    assert time.perf_counter() - start < 2.0
+    assert _digest(exported) == before
+
+
+def test_push_rejects_bad_arguments(exported, tmp_path):
+    with pytest.raises(ValueError, match="user/name"):
+        push_to_hub(exported, "no-namespace")
+    with pytest.raises(ValueError, match="not an exported model folder"):
+        push_to_hub(tmp_path, "user/x")
+
+
+_PUSH_AND_LOAD = r"""
+import json, sys, torch, timm, timm_icl
+from timm_icl.hub import HubError, push_to_hub
+folder, out = sys.argv[1], sys.argv[2]
+report = {"commit": push_to_hub(folder, "user/vgg-tiny-icl")}  # token from HF_TOKEN
+report["second"] = push_to_hub(folder, "user/vgg-tiny-icl", commit_message="update card")
+try:
+    push_to_hub(folder, "user/vgg-tiny-icl", token="hf_wrong", retries=1)
+except HubError as e:
+    report["unauthorised"] = str(e)
+model = timm.create_model("hf-hub:user/vgg-tiny-icl", pretrained=True).eval()
+torch.manual_seed(1)
+x = torch.rand(3, 3, 28, 28)
+with torch.no_grad():
+    torch.save({"x": x, "logits": model(x)}, out)
+print(json.dumps(report))
+"""
+
+
+def test_push_to_local_hub_then_hf_hub_load_identical_logits(trained, exported, tmp_path):
+    model, results = trained
+    with HubServer(token=TOKEN) as hub:
+        env = dict(
+            os.environ,
+            HF_ENDPOINT=hub.url,
+            HF_HUB_OFFLINE="0",
+            HF_HOME=str(tmp_path / "hf_home"),
+            HF_TOKEN=TOKEN,
+            OMP_NUM_THREADS="1",
+            HF_HUB_DISABLE_TELEMETRY="1",
+        )
+        out = tmp_path / "logits.pt"
+        proc = subprocess.run(
+            [sys.executable, "-c", _PUSH_AND_LOAD, str(exported.parent), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        repo = hub.repos["user/vgg-tiny-icl"]
+
+    saved = torch.load(out)
+    with torch.no_grad():
+        assert torch.equal(model(saved["x"]), saved["logits"])
+
+    assert report["commit"].startswith(hub.url) and len(repo["commits"]) == 2
+    assert "not authorised to push to user/vgg-tiny-icl" in report["unauthorised"]
+    assert set(repo["files"]) == {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "eval_results.json",
+        "accuracy_vs_sigma.png",
+    }
+    # the card was re-rendered for the repository, and its model-index parses back to the numbers
+    card = ModelCard(repo["files"]["README.md"].decode())
+    assert 'create_model("hf-hub:user/vgg-tiny-icl"' in card.text
+    parsed = {(r.dataset_config, r.metric_name): r.metric_value for r in card.data.eval_results}
+    for name, cond in results["conditions"].items():
+        assert parsed[(name, "top-1 accuracy")] == cond["top1"]
+        assert parsed[(name, "top-5 accuracy")] == cond["top5"]
+    # the token never lands in a file (local folder or pushed) or in the output
+    for data in list(repo["files"].values()) + [p.read_bytes() for p in exported.iterdir()]:
+        assert TOKEN.encode() not in data
+    assert TOKEN not in proc.stdout + proc.stderr and "hf_wrong" not in proc.stdout + proc.stderr
+
+
+def test_transformers_pipeline_agrees_with_timm(trained, exported):
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    model, _ = trained
+    hf_model = transformers.AutoModelForImageClassification.from_pretrained(str(exported)).eval()
+    x = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(hf_model(pixel_values=x).logits, model(x), atol=1e-6)
+
+    classifier = transformers.pipeline("image-classification", model=str(exported), device="cpu")
+    config = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**config)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        pixels = (torch.rand(40, 36, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        image = Image.fromarray(pixels)
+        with torch.no_grad():
+            timm_top1 = int(model(transform(image).unsqueeze(0)).argmax())
+        predicted = classifier(image, top_k=1)[0]["label"]
+        assert predicted in (str(timm_top1), f"LABEL_{timm_top1}", hf_model.config.id2label[timm_top1])
