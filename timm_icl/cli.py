@@ -1,0 +1,375 @@
+"""The ``timm-icl`` command: evaluate robustness, list layers, draw distortions, compare runs, push to the Hub.
+
+    timm-icl eval MODEL --dataset fashion-mnist        # top-1/top-5 clean and under each noise/blur condition
+    timm-icl layers MODEL                              # candidate pre-activation layers, default preset marked
+    timm-icl distort IMAGE -o grid.png                 # the paper's ten conditions on a real image
+    timm-icl compare a.json b.json                     # one table, 95% intervals, McNemar paired tests
+    timm-icl push RUN_DIR user/name                    # upload an exported model (card re-rendered)
+
+MODEL is a timm name (``resnet50.a1_in1k``), ``hf-hub:org/name``, ``local-dir:/path`` or a recipe run folder
+(its exported model is ``RUN/model``). Errors are one line; set ``TIMM_ICL_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser", "resolve_model_spec"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``timm-icl eval: error: ...``) instead of usage + error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def resolve_model_spec(model: str) -> tuple[str, bool]:
+    """``(timm model name, pretrained)`` for a user's MODEL: a run folder or exported folder -> ``local-dir:``."""
+    if model.startswith(("hf-hub:", "local-dir:", "hf_hub:")):
+        return model, True
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{model} is a file; MODEL must be a timm name, hf-hub:..., local-dir:... or a folder")
+        from .hub import resolve_model_folder
+
+        return f"local-dir:{resolve_model_folder(path)}", True
+    if "/" in model or os.sep in model:
+        raise ValueError(f"no such folder {model!r}; for a Hub model write hf-hub:{model}")
+    return model, True
+
+
+def _create_model(model: str, *, pretrained: bool, num_classes: int | None = None):
+    import timm
+
+    import timm_icl  # noqa: F401  (registers vgg_tiny / vgg_small)
+
+    name, from_weights = resolve_model_spec(model)
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    base = name.split(":", 1)[-1] if not name.startswith(("hf-hub:", "local-dir:", "hf_hub:")) else None
+    if base is not None and not timm.is_model(base.split(".")[0]):
+        raise ValueError(f"unknown timm model {model!r}; see timm.list_models('*{base.split('.')[0][:8]}*')")
+    return timm.create_model(name, pretrained=pretrained and from_weights, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------------------------------
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import evaluate_robustness, format_table, plot_accuracy_vs_sigma, save_results
+
+    try:
+        from .data import create_loader
+    except ImportError:
+        raise ValueError("timm_icl.data is not available in this installation; cannot read datasets") from None
+    model = _create_model(args.model, pretrained=not args.no_pretrained, num_classes=args.num_classes)
+    image_size = args.image_size or tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+    loader, info = create_loader(
+        args.dataset,
+        args.split,
+        image_size=image_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        max_samples=args.max_samples,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        streaming=True if args.streaming else None,
+    )
+    if info.get("num_classes") and info["num_classes"] > model.num_classes:
+        raise ValueError(
+            f"the dataset has {info['num_classes']} classes but the model predicts {model.num_classes}; "
+            "evaluate a model fine-tuned on this dataset (or pass --num-classes with --no-pretrained)"
+        )
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    results = evaluate_robustness(
+        model, loader, args.distortions, seed=args.seed, device=device, progress=not args.quiet
+    )
+    name = args.name or _display_name(args.model)
+    results.update(model=args.model, name=name, dataset=args.dataset, split=args.split)
+    print(format_table({name: results}))
+    if args.output:
+        save_results(results, args.output)
+        print(f"results: {args.output}", file=sys.stderr)
+    if args.plot:
+        plot_accuracy_vs_sigma({name: results}, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _display_name(model: str) -> str:
+    path = Path(model.split(":", 1)[-1])
+    if path.name == "model" and path.parent.name:
+        return path.parent.name
+    return path.name or model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------------------------------------------------
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .layers import candidate_layers
+
+    model = _create_model(args.model, pretrained=args.pretrained)
+    input_size = tuple(args.input_size) if args.input_size else None
+    rows = candidate_layers(model, input_size=input_size)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max([len("layer")] + [len(r["layer"]) for r in rows])
+    print(f"  {'layer':<{width}}  {'shape':<18} {'units':>9}")
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        print(f"{mark} {r['layer']:<{width}}  {str(list(r['shape'])):<18} {r['units']:>9}")
+    defaults = [r["layer"] for r in rows if r["default"]]
+    if defaults:
+        print(f"\n* default preset ({type(model).__name__}): --layers {' '.join(defaults)}")
+    else:
+        print(f"\nno preset for {type(model).__name__}: choose deep layers above and pass them with --layers")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distort
+# ---------------------------------------------------------------------------------------------------------------------
+def _load_image(path: str, size: int):
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"no such image file: {path}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image PIL can read") from None
+    # resize the shorter side to `size`, then centre-crop a square, as evaluation does
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return data.permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+def _cmd_distort(args: argparse.Namespace) -> int:
+    from .conditions import Distortion, parse_distortions
+    from .evaluate import distort
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("the grid needs matplotlib: pip install 'timm-icl[plot]'") from None
+    distortions = parse_distortions(args.distortions)
+    image = _load_image(args.image, args.size)
+    kinds = distortions.kinds()
+    ncols = 1 + max(len(distortions.of_kind(k)) for k in kinds)
+    fig, axes = plt.subplots(len(kinds), ncols, figsize=(2.1 * ncols, 2.6 * len(kinds)), squeeze=False)
+    index = {c.name: i + 1 for i, c in enumerate(distortions)}
+    for row, kind in zip(axes, kinds):
+        panels = [Distortion("clean")] + distortions.of_kind(kind)
+        for ax in row:
+            ax.axis("off")
+        for ax, cond in zip(row, panels):
+            out = distort(image, cond, seed=args.seed, condition_index=index.get(cond.name, 0))
+            ax.imshow(out[0].permute(1, 2, 0).clamp(0, 1).numpy())
+            unit = "" if cond.kind == "clean" else (" (0-255)" if cond.kind == "noise" else " px")
+            title = "clean" if cond.kind == "clean" else f"{cond.kind} σ={cond.sigma:g}{unit}"
+            ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{Path(args.image).name}: {distortions.to_text()}", fontsize=10)
+    fig.tight_layout()
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.output, dpi=100)
+    plt.close(fig)
+    print(args.output)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# compare
+# ---------------------------------------------------------------------------------------------------------------------
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluate import format_table, load_results, plot_accuracy_vs_sigma
+    from .report import format_comparison
+
+    results: dict[str, dict] = {}
+    for spec in args.results:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path = spec
+            loaded = load_results(path)
+            name = loaded.get("name") or Path(path).stem
+        else:
+            loaded = load_results(path)
+        base, i = name, 2
+        while name in results:  # two runs called the same: keep both
+            name, i = f"{base}#{i}", i + 1
+        results[name] = loaded
+    if args.baseline is not None and args.baseline not in results:
+        raise ValueError(f"--baseline {args.baseline!r} is not one of the runs: {', '.join(results)}")
+    text = format_table(results) + "\n\n" + format_comparison(results, baseline=args.baseline)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    if args.plot:
+        plot_accuracy_vs_sigma(results, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# push
+# ---------------------------------------------------------------------------------------------------------------------
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    url = push_to_hub(args.run_dir, args.repo_id, private=args.private, commit_message=args.commit_message)
+    print(url)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="timm-icl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"timm-icl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 on clean images and under each noise/blur condition",
+        formatter_class=_Formatter,
+        description="Evaluate a model on clean images and on every condition of a distortion set.\n\n"
+        "examples:\n"
+        "  timm-icl eval runs/icl --dataset fashion-mnist --distortions small -o icl.json\n"
+        "  timm-icl eval hf-hub:me/vgg16-icl --dataset ILSVRC/imagenet-1k --split validation --streaming\n"
+        "  timm-icl eval resnet50.a1_in1k --dataset /data/imagenet-val --distortions imagenet-c",
+    )
+    p.add_argument("model", help="timm name, hf-hub:ORG/NAME, local-dir:PATH, or a recipe run folder")
+    p.add_argument("--dataset", required=True, help="fashion-mnist, a Hub dataset id, or a local folder/parquet path")
+    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--distortions", default="paper", help="'paper', 'imagenet-c', 'small' (28 px), or e.g. 'noise:20,40 blur:2,4'"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
+    p.add_argument("--image-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same numbers)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--num-classes", type=int, default=None, help="head size for --no-pretrained models")
+    p.add_argument("--no-pretrained", action="store_true", help="random weights (for smoke tests)")
+    p.add_argument("--name", default=None, help="run name in tables (default: from MODEL)")
+    p.add_argument("-o", "--output", default=None, help="write results JSON (with per-image correctness) here")
+    p.add_argument("--plot", default=None, help="write a PNG of accuracy against sigma here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "layers",
+        help="candidate pre-activation layers of a model, default preset marked",
+        formatter_class=_Formatter,
+        description="List where pre-activations can be captured, with output shapes; '*' marks the default preset.\n\n"
+        "examples:\n"
+        "  timm-icl layers vgg16\n"
+        "  timm-icl layers convnext_tiny --input-size 3 224 224\n"
+        "  timm-icl layers runs/icl --json",
+    )
+    p.add_argument("model", help="timm name, hf-hub:..., local-dir:... or a run folder")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
+    p.add_argument("--pretrained", action="store_true", help="load weights (not needed for shapes)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_layers)
+
+    p = sub.add_parser(
+        "distort",
+        help="grid image of the distortion conditions on a real image",
+        formatter_class=_Formatter,
+        description="Draw clean + every condition of a distortion set (the paper's ten by default) on an image.\n\n"
+        "examples:\n"
+        "  timm-icl distort photo.jpg -o grid.png\n"
+        "  timm-icl distort photo.jpg --distortions imagenet-c --size 160 -o grid_c.png",
+    )
+    p.add_argument("image", help="an image file (jpg, png, ...)")
+    p.add_argument("-o", "--output", default="distortions.png")
+    p.add_argument("--distortions", default="paper")
+    p.add_argument("--size", type=int, default=224, help="resize shorter side and centre-crop to SIZE px")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_distort)
+
+    p = sub.add_parser(
+        "compare",
+        help="one table over several runs, with 95%% intervals and McNemar paired tests",
+        formatter_class=_Formatter,
+        description="Compare evaluation results (from `timm-icl eval -o`) on the same images and seed.\n\n"
+        "examples:\n"
+        "  timm-icl compare finetune.json mse.json icl.json\n"
+        "  timm-icl compare FT=runs/ft/results.json ICL=runs/icl/results.json --baseline FT -o table.md",
+    )
+    p.add_argument("results", nargs="+", help="RESULT.json or NAME=RESULT.json (or a run folder with results.json)")
+    p.add_argument("--baseline", default=None, help="run the others are tested against (default: the first)")
+    p.add_argument("-o", "--output", default=None, help="also write the Markdown here")
+    p.add_argument("--plot", default=None, help="write a PNG of accuracy against sigma, one line per run")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
+        "push",
+        help="upload an exported model folder to the Hugging Face Hub",
+        formatter_class=_Formatter,
+        description="Push RUN_DIR/model (or an exported folder) to the Hub; the card is re-rendered on every push.\n"
+        "The token comes from HF_TOKEN or `hf auth login` (never a command-line flag).\n\n"
+        "examples:\n"
+        "  timm-icl push runs/icl me/vgg16-icl\n"
+        "  timm-icl push runs/icl/model me/vgg16-icl --private",
+    )
+    p.add_argument("run_dir", help="a recipe run folder or an exported model folder")
+    p.add_argument("repo_id", help="USER/NAME on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--commit-message", default=None)
+    p.set_defaults(func=_cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("timm-icl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for users; TIMM_ICL_DEBUG=1 shows the traceback
+        if os.environ.get("TIMM_ICL_DEBUG"):
+            raise
+        lines = str(e).strip().splitlines()
+        kind = "" if isinstance(e, (ValueError, RuntimeError)) else f"{type(e).__name__}: "
+        print(f"timm-icl {args.command}: error: {kind}{lines[0] if lines else type(e).__name__}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
