@@ -7,6 +7,8 @@ Public API (see the README for a tour):
 - capture: :func:`capture_preactivations`, :func:`default_layers`, :func:`candidate_layers`
 - losses: :func:`icl_loss`, :func:`mse_constraint_loss`, :func:`activation_boundary_loss` and module forms
 - task: :class:`ICLTask` (a ``timm.task.TrainingTask``)
+- evaluation: :func:`evaluate_robustness`, :func:`format_table`, :func:`plot_accuracy_vs_sigma`
+- hub: :func:`export_model`, :func:`push_to_hub`
 - models: ``vgg_tiny`` / ``vgg_small`` registered with timm on import
 """
 
@@ -30,6 +32,8 @@ from .distortions import (
     gaussian_noise,
     paper_kernel_size,
 )
+from .evaluate import evaluate_robustness, format_table, plot_accuracy_vs_sigma
+from .hub import export_model, push_to_hub
 from .layers import LAYER_PRESETS, candidate_layers, default_layers
 from .losses import (
     CONSTRAINTS,
@@ -77,4 +81,9 @@ __all__ = [
     "DEFAULT_LAMBDA",
     "create_constraint",
     "ICLTask",
+    "evaluate_robustness",
+    "format_table",
+    "plot_accuracy_vs_sigma",
+    "export_model",
+    "push_to_hub",
 ]
