@@ -146,3 +146,52 @@ def test_plot_writes_png(tmp_path):
     )
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import json, sys, torch
+from accelerate import Accelerator
+from timm_icl.evaluate import evaluate_robustness
+accelerator = Accelerator(cpu=True)
+torch.manual_seed(0)
+model = torch.nn.Sequential(
+    torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 10)
+)
+images, labels = torch.rand(23, 3, 16, 16), torch.randint(0, 10, (23,))
+rank, world = accelerator.process_index, accelerator.num_processes
+# round-robin shard (what a DistributedSampler without shuffling gives): rank r sees images r, r + world, ...
+shard = [(images[i::world][j : j + 4], labels[i::world][j : j + 4]) for i in [rank] for j in range(0, 12, 4)]
+res = evaluate_robustness(model, shard, "noise:50 blur:1", accelerator=accelerator, mean=(0.5,) * 3, std=(0.5,) * 3)
+single = evaluate_robustness(model, [(images, labels)], "noise:50 blur:1", mean=(0.5,) * 3, std=(0.5,) * 3)
+if accelerator.is_main_process:
+    json.dump({"multi": res, "single": single, "world": world}, open(sys.argv[1], "w"))
+"""
+
+
+def test_two_processes_give_exact_counts(tmp_path):
+    """Two gloo processes, each on half the images: counts summed exactly, same numbers as one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port, so parallel test runs do not collide on 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([*cmd, str(script), str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["world"] == 2
+    multi, single = data["multi"], data["single"]
+    assert multi["num_samples"] == single["num_samples"] == 23
+    for name, cond in single["conditions"].items():
+        assert multi["conditions"][name]["correct"] == cond["correct"]
+        assert multi["conditions"][name]["top1"] == cond["top1"]
+        # gathered in rank order: rank 0's images (0, 2, 4, ...) then rank 1's (1, 3, ...)
+        order = list(range(0, 23, 2)) + list(range(1, 23, 2))
+        assert multi["per_image"][name] == [single["per_image"][name][i] for i in order]

@@ -187,7 +187,6 @@ def evaluate_robustness(
     correct = torch.zeros(len(conditions), len(topk), dtype=torch.long, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
     per_image_lists: list[list[torch.Tensor]] = [[] for _ in conditions]
-    autocast = accelerator.autocast() if accelerator is not None else None
 
     iterator = loader
     if progress and rank == 0:
@@ -208,8 +207,8 @@ def evaluate_robustness(
                     images, condition, seed=seed, condition_index=ci, image_indices=positions, generator=generator
                 )
                 x = (x - mean_t) / std_t
-                if autocast is not None:
-                    with autocast:
+                if accelerator is not None:
+                    with accelerator.autocast():  # a fresh context manager each time: they are single-use
                         logits = model(x)
                 else:
                     logits = model(x)
