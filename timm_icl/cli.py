@@ -78,6 +78,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("timm_icl.data is not available in this installation; cannot read datasets") from None
     model = _create_model(args.model, pretrained=not args.no_pretrained, num_classes=args.num_classes)
     image_size = args.image_size or tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch` / torchrun: shard, sum counts
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
     loader, info = create_loader(
         args.dataset,
         args.split,
@@ -88,17 +95,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         label_column=args.label_column,
         streaming=True if args.streaming else None,
+        rank=rank,
+        world_size=world,
     )
     if info.get("num_classes") and info["num_classes"] > model.num_classes:
         raise ValueError(
             f"the dataset has {info['num_classes']} classes but the model predicts {model.num_classes}; "
             "evaluate a model fine-tuned on this dataset (or pass --num-classes with --no-pretrained)"
         )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if accelerator is not None:
+        device = accelerator.device
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     results = evaluate_robustness(
-        model, loader, args.distortions, seed=args.seed, device=device, progress=not args.quiet
+        model,
+        loader,
+        args.distortions,
+        seed=args.seed,
+        device=device,
+        accelerator=accelerator,
+        progress=not args.quiet and rank == 0,
     )
+    if rank != 0:
+        return 0
     name = args.name or _display_name(args.model)
     results.update(model=args.model, name=name, dataset=args.dataset, split=args.split)
     print(format_table({name: results}))
