@@ -380,7 +380,7 @@ def plot_accuracy_vs_sigma(
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", label=method)
         ax.set_xlabel(units[kind])
-        ax.set_ylabel(f"{metric} accuracy")
+        ax.set_ylabel(f"top-{metric[3:]} accuracy" if metric.startswith("top") else metric)
         ax.set_title(f"Gaussian {kind}")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
