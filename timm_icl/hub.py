@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,8 +35,19 @@ __all__ = ["export_model", "push_to_hub", "render_model_card", "HubError", "reso
 
 _logger = logging.getLogger(__name__)
 
-#: The card template (Jinja2, rendered by huggingface_hub's ``ModelCard.from_template``).
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+#: The card template (Jinja2, rendered by huggingface_hub's ``ModelCard.from_template``): ``model_cards/`` of the
+#: source tree (editable installs), else the copy a wheel installs under ``<prefix>/share/timm-icl/model_cards``.
+TEMPLATE_PATH = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parent.parent / "model_cards" / "template.md",
+            Path(sys.prefix) / "share" / "timm-icl" / "model_cards" / "template.md",
+        )
+        if p.is_file()
+    ),
+    Path(__file__).resolve().parent.parent / "model_cards" / "template.md",
+)
 RESULTS_NAME = "eval_results.json"
 PLOT_NAME = "accuracy_vs_sigma.png"
 _EXPORTED = ("config.json", "model.safetensors", "README.md", RESULTS_NAME, PLOT_NAME)
@@ -222,6 +234,8 @@ def render_model_card(folder: str | Path, repo_id: str | None = None, *, transfo
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
+    if not TEMPLATE_PATH.is_file():
+        raise FileNotFoundError(f"model card template not found at {TEMPLATE_PATH}; reinstall timm-icl")
     config = json.loads((folder / "config.json").read_text())
     icl = config.get("icl", {})
     results_path = folder / RESULTS_NAME
