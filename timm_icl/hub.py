@@ -285,6 +285,11 @@ def render_model_card(folder: str | Path, repo_id: str | None = None, *, transfo
         method_text=method_text,
         hyperparameters=hyperparameters,
         base_model=base_model,
+        base_model_text=(
+            f"none on the Hub; the frozen reference was {icl['reference_model']}"
+            if icl.get("reference_model")
+            else "none (trained from scratch)"
+        ),
         license=card_data.license,
         dataset_text=(
             f"Fine-tuned and evaluated on {dataset_name}"
