@@ -121,6 +121,10 @@ def test_bad_batches_give_clear_errors(model_and_data):
         evaluate_robustness(model, [(images[:2, :1], labels[:2])], "noise:20")
     with pytest.raises(ValueError, match="tuples"):
         evaluate_robustness(model, [images[:2]], "noise:20")
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 9\]"):
+        evaluate_robustness(model, [(images[:2], torch.tensor([3, 10]))], "noise:20", mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="no images"):
+        evaluate_robustness(model, [], "noise:20", mean=MEAN, std=STD)
 
 
 def _fake(clean, noise, blur):

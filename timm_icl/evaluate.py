@@ -213,6 +213,11 @@ def evaluate_robustness(
                 else:
                     logits = model(x)
                 logits = logits.float()
+                if ci == 0 and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+                    raise ValueError(
+                        f"labels must be in [0, {logits.shape[1] - 1}] for a model with {logits.shape[1]} classes, "
+                        f"got labels from {int(labels.min())} to {int(labels.max())}"
+                    )
                 kmax = min(topk[-1], logits.shape[1])
                 top = logits.topk(kmax, dim=1).indices
                 hits = top == labels.unsqueeze(1)  # [B, kmax]
@@ -229,6 +234,8 @@ def evaluate_robustness(
         correct = accelerator.reduce(correct, reduction="sum")
         count = accelerator.reduce(count, reduction="sum")
     total = int(count.item())
+    if total == 0:
+        raise ValueError("the loader yielded no images: nothing to evaluate")
     correct_list = correct.cpu().tolist()
 
     results: dict[str, Any] = {"conditions": {}, "summary": {}}
