@@ -1,0 +1,107 @@
+"""Cached reference targets: packing, same loss as the live reference, stale caches refused."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import timm_icl  # noqa: F401  (registers vgg_tiny)
+from timm_icl.target_cache import StaleCacheError, TargetCache, pack_bits, unpack_bits
+from timm_icl.task import ICLTask
+
+PRE = {"image_size": 28, "crop": "none"}
+
+
+def _task(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = timm.create_model("vgg_tiny", num_classes=10)
+    return ICLTask(model, constraint=kw.pop("constraint", "icl"), seed=0, **kw)
+
+
+def _data(n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _batches(images, ids, bs=5):
+    for s in range(0, len(ids), bs):
+        yield ids[s : s + bs], images[s : s + bs]
+
+
+def test_pack_bits_matches_numpy_and_roundtrips():
+    g = torch.Generator().manual_seed(0)
+    bits = torch.rand(4, 13, 1, 1, generator=g) > 0.5  # 13 units: padding inside the last byte
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (4, 2)
+    np.testing.assert_array_equal(packed.numpy(), np.packbits(bits.reshape(4, -1).numpy(), axis=1))
+    assert torch.equal(unpack_bits(packed, (13, 1, 1)), bits)
+
+
+def test_cached_and_live_give_same_loss():
+    images, labels = _data()
+    ids = list(range(100, 112))
+    task = _task()
+    cache = TargetCache.build(task, _batches(images, ids), preprocessing=PRE)
+    assert len(cache) == 12 and cache.nbytes_per_image == sum((256 + 7) // 8 for _ in task.layers)
+
+    sel = [3, 7, 0, 11]
+    batch, target = images[sel], labels[sel]
+    task.sampler(batch[:1])  # creates the sampler's generator, so that its state can be saved and restored
+    state = task.sampler.state_dict()
+    torch.manual_seed(3)  # dropout: the same masks in both runs
+    live = task(batch, target)
+    task.sampler.load_state_dict(state)  # the same distortions for the cached run
+    torch.manual_seed(3)
+    cached = task(batch, target, reference_targets=cache.lookup([ids[i] for i in sel]))
+    assert abs(live["loss"].item() - cached["loss"].item()) <= 1e-6
+    assert float(live["constraint_loss"]) > 0
+    assert cache.verify(task, [ids[i] for i in sel], batch) == 0.0
+
+
+def test_save_load_roundtrip_and_string_ids(tmp_path):
+    images, _ = _data(6)
+    task = _task()
+    ids = [f"img_{i:03d}.JPEG" for i in range(6)]
+    cache = TargetCache.build(task, _batches(images, ids, 4), preprocessing=PRE)
+    loaded = TargetCache.load(cache.save(tmp_path / "t.safetensors"), task=task, preprocessing=PRE)
+    assert loaded.ids == ids
+    for layer in task.layers:
+        assert torch.equal(loaded.lookup(ids[2:5])[layer], cache.lookup(ids[2:5])[layer])
+        assert torch.equal(loaded.lookup(ids[2:5])[layer], task.reference_targets(images[2:5])[layer])
+
+    int_ids = torch.arange(6)
+    cache2 = TargetCache.build(task, [(int_ids, images)], preprocessing=PRE)
+    assert TargetCache.load(cache2.save(tmp_path / "i.safetensors")).ids == list(range(6))
+
+
+def test_stale_cache_is_refused(tmp_path):
+    images, labels = _data(6)
+    task = _task()
+    path = TargetCache.build(task, [(list(range(6)), images)], preprocessing=PRE).save(tmp_path / "t.safetensors")
+
+    with pytest.raises(StaleCacheError, match="preprocessing"):
+        TargetCache.load(path, task=task, preprocessing={**PRE, "image_size": 32})
+    with pytest.raises(StaleCacheError, match="weights"):
+        TargetCache.load(path, task=_task(seed=5), preprocessing=PRE)
+    with pytest.raises(StaleCacheError, match="layers"):
+        TargetCache.load(path, task=_task(layers=["pre_logits.fc1"]), preprocessing=PRE)
+    with pytest.raises(StaleCacheError, match="preprocessing"):
+        TargetCache.load(path, task=_task(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), preprocessing=PRE)
+
+    # a cache whose bits do not match the pixels (e.g. a random crop slipped in) fails verification
+    cache = TargetCache.load(path, task=task, preprocessing=PRE)
+    with pytest.raises(StaleCacheError, match="disagrees"):
+        cache.verify(task, [0, 1, 2], 1 - images[:3])
+
+
+def test_clear_errors():
+    images, _ = _data(4)
+    with pytest.raises(ValueError, match="float pre-activations"):
+        TargetCache.build(_task(constraint="mse"), [([0, 1, 2, 3], images)])
+    cache = TargetCache.build(_task(), [([0, 1, 2, 3], images)])
+    with pytest.raises(KeyError, match="not in the target cache"):
+        cache.lookup([9])
+    with pytest.raises(ValueError, match="unique"):
+        TargetCache.build(_task(), [([0, 0, 1, 2], images)])
+    with pytest.raises(FileNotFoundError):
+        TargetCache.load("/nonexistent/t.safetensors")
