@@ -134,6 +134,14 @@ class ICLTask(TrainingTask):
                 ref.to(ref_dtype)
         return result
 
+    def release_reference(self) -> None:
+        """Free the frozen reference when every batch brings cached targets (see :mod:`timm_icl.target_cache`).
+
+        Afterwards ``forward`` needs ``reference_targets=``; the memory of a whole model copy is returned.
+        """
+        self._reference_holder[0] = None
+        self._reference_released = True
+
     def train(self, mode: bool = True) -> ICLTask:
         super().train(mode)
         if self.reference is not None:
@@ -173,6 +181,8 @@ class ICLTask(TrainingTask):
         """
         ref = self.reference
         if ref is None:
+            if getattr(self, "_reference_released", False):
+                raise RuntimeError("the reference was released (release_reference()); pass reference_targets=")
             raise RuntimeError("plain fine-tuning (constraint='none') has no reference model")
         needs_values = getattr(self.constraint, "needs_reference_values", True)
         transform = (lambda h: h.float()) if needs_values else (lambda h: h > 0)
