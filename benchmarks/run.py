@@ -341,21 +341,21 @@ def bench_distortions(repeats, device, batch=64, size=224) -> dict:
         kernel = gaussian_kernel1d(sigma, ks)
         ref = exact_blur(images[:n_check].double().numpy(), kernel)
 
-        def lib():
+        def lib(sigma=sigma):
             return gaussian_blur(dev_images, sigma)
 
-        def tv():
+        def tv(sigma=sigma, ks=ks):
             return TF.gaussian_blur(dev_images, [ks, ks], [float(sigma), float(sigma)])
 
-        def kor():
+        def kor(sigma=sigma, ks=ks):
             return kornia.filters.gaussian_blur2d(
                 dev_images, (ks, ks), (float(sigma), float(sigma)), border_type="reflect"
             )
 
-        def ocv():
+        def ocv(sigma=sigma, ks=ks):
             return [cv2.GaussianBlur(im, (ks, ks), sigma, borderType=cv2.BORDER_REFLECT_101) for im in hwc]
 
-        def pil():
+        def pil(sigma=sigma):
             return [Image.fromarray(im).filter(ImageFilter.GaussianBlur(sigma)) for im in u8]
 
         fns = {"torchvision": tv, "timm_icl": lib, "kornia": kor, "opencv_per_image": ocv, "pil_per_image_uint8": pil}
@@ -382,7 +382,8 @@ def bench_distortions(repeats, device, batch=64, size=224) -> dict:
         print(
             f"[blur{sigma}] "
             + ", ".join(
-                f"{k} x{out[f'blur{sigma}'][k]['speedup_vs_torchvision']:.2f} d={out[f'blur{sigma}'][k]['max_abs_diff']:.1e}"
+                f"{k} x{out[f'blur{sigma}'][k]['speedup_vs_torchvision']:.2f} "
+                f"d={out[f'blur{sigma}'][k]['max_abs_diff']:.1e}"
                 for k in fns
             ),
             flush=True,
@@ -581,7 +582,8 @@ def write_report(res: dict, path: Path) -> None:
         + f"; torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}, {m['platform']}. "
         f"Load average at start {m.get('loadavg_at_start')}.",
         "",
-        "Every figure is a ratio measured within this run: the variants of a section run in turn (A, B, C, A, B, C ...)",
+        "Every figure is a ratio measured within this run: the variants of a section run in turn (A, B, C, A, "
+        "B, C ...)",
         "and each is the median over repeats. " + res.get("note", ""),
         "",
     ]
@@ -589,15 +591,18 @@ def write_report(res: dict, path: Path) -> None:
     if "train" in res:
         lines += ["## Training step (forward + backward + SGD update), time relative to plain fine-tuning", ""]
         lines += [
-            "| model | px | batch | plain s | ICL fp32 | ICL bf16 autocast (flips) | ICL bf16 copy (flips) | ICL cached |",
+            "| model | px | batch | plain s | ICL fp32 | ICL bf16 autocast (flips) | ICL bf16 copy (flips) | "
+            "ICL cached |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in res["train"].items():
             v = r["variants"]
             lines.append(
-                f"| {name} | {r['image_size']} | {r['batch']} | {v['plain']['median_s']:.3f} | {_f(v['icl_fp32']['ratio_to_plain'])} | "
+                f"| {name} | {r['image_size']} | {r['batch']} | {v['plain']['median_s']:.3f} | "
+                f"{_f(v['icl_fp32']['ratio_to_plain'])} | "
                 f"{_f(v['icl_bf16_autocast']['ratio_to_plain'])} ({v['icl_bf16_autocast']['target_flip_rate']:.3%}) | "
-                f"{_f(v['icl_bf16_copy']['ratio_to_plain'])} ({v['icl_bf16_copy']['target_flip_rate']:.3%}) | {_f(v['icl_cached']['ratio_to_plain'])} |"
+                f"{_f(v['icl_bf16_copy']['ratio_to_plain'])} ({v['icl_bf16_copy']['target_flip_rate']:.3%}) | "
+                f"{_f(v['icl_cached']['ratio_to_plain'])} |"
             )
         lines += [
             "",
@@ -630,8 +635,10 @@ def write_report(res: dict, path: Path) -> None:
         lines += [
             "## Constraint loss alone (vgg16, batch 2, 224 px, forward + backward)",
             "",
-            f"- default layers ({r['default_layers']['layers']}, {r['default_layers']['units_per_image']:,} units/image): {r['default_layers']['median_s'] * 1e3:.1f} ms",
-            f"- all {r['all_convs']['layers']} convs ({r['all_convs']['units_per_image']:,} units/image): {r['all_convs']['median_s'] * 1e3:.1f} ms",
+            f"- default layers ({r['default_layers']['layers']}, {r['default_layers']['units_per_image']:,} "
+            f"units/image): {r['default_layers']['median_s'] * 1e3:.1f} ms",
+            f"- all {r['all_convs']['layers']} convs ({r['all_convs']['units_per_image']:,} units/image): "
+            f"{r['all_convs']['median_s'] * 1e3:.1f} ms",
             "",
         ]
     if "memory" in res:
@@ -648,7 +655,8 @@ def write_report(res: dict, path: Path) -> None:
         ]
         for name, r in res["memory"].items():
             lines.append(
-                f"| {name} | {r['plain']['peak_mib']:.0f} | {_f(r['icl_fp32']['ratio_to_plain'])} | {_f(r['icl_bf16_copy']['ratio_to_plain'])} | {_f(r['icl_cached']['ratio_to_plain'])} |"
+                f"| {name} | {r['plain']['peak_mib']:.0f} | {_f(r['icl_fp32']['ratio_to_plain'])} | "
+                f"{_f(r['icl_bf16_copy']['ratio_to_plain'])} | {_f(r['icl_cached']['ratio_to_plain'])} |"
             )
         lines.append("")
         if "vgg16" in res["memory"]:
@@ -672,7 +680,8 @@ def write_report(res: dict, path: Path) -> None:
         lines += [
             "## glibc allocator thresholds (CPU)",
             "",
-            f"{r['model']} ICL step (batch {r['batch']}, {r['image_size']} px) in alternating subprocesses: default {r['step_s']['default']:.3f} s, "
+            f"{r['model']} ICL step (batch {r['batch']}, {r['image_size']} px) in alternating subprocesses: "
+            f"default {r['step_s']['default']:.3f} s, "
             f"with {' '.join(f'{k}={v}' for k, v in r['env'].items())}: {r['step_s']['malloc_env']:.3f} s "
             f"(ratio {r['ratio_env_to_default']:.3f}).",
             "",
@@ -690,14 +699,19 @@ def write_report(res: dict, path: Path) -> None:
                 continue
             a, b = d["blur2"][k], d["blur10"][k]
             lines.append(
-                f"| {k} | {a['speedup_vs_torchvision']:.2f}x ({a['median_s'] * 1e3:.0f} ms) | {a['max_abs_diff']:.1e} | {b['speedup_vs_torchvision']:.2f}x ({b['median_s'] * 1e3:.0f} ms) | {b['max_abs_diff']:.1e} |"
+                f"| {k} | {a['speedup_vs_torchvision']:.2f}x ({a['median_s'] * 1e3:.0f} ms) | "
+                f"{a['max_abs_diff']:.1e} | {b['speedup_vs_torchvision']:.2f}x ({b['median_s'] * 1e3:.0f} ms) | "
+                f"{b['max_abs_diff']:.1e} |"
             )
         n = d["noise60"]
         lines += [
             "",
-            f"Exact reference: float64 scipy.ndimage.correlate1d, mode='mirror', the paper's kernel (size {d['blur2']['kernel_size']} and {d['blur10']['kernel_size']}), on {d['checked_images']} images. "
-            "PIL blurs uint8 images with its own box-filter approximation (radius = sigma), OpenCV per image in float32.",
-            f"Noise (sigma 60): timm_icl {n['timm_icl']['median_s'] * 1e3:.0f} ms, {n['timm_icl']['ratio_to_naive']:.2f}x the time of a bare randn + add + clamp.",
+            f"Exact reference: float64 scipy.ndimage.correlate1d, mode='mirror', the paper's kernel (size "
+            f"{d['blur2']['kernel_size']} and {d['blur10']['kernel_size']}), on {d['checked_images']} images. "
+            "PIL blurs uint8 images with its own box-filter approximation (radius = sigma), OpenCV per image in "
+            "float32.",
+            f"Noise (sigma 60): timm_icl {n['timm_icl']['median_s'] * 1e3:.0f} ms, "
+            f"{n['timm_icl']['ratio_to_naive']:.2f}x the time of a bare randn + add + clamp.",
             "",
         ]
         for s, need in ((10, 10.0), (2, 2.5)):
@@ -715,7 +729,8 @@ def write_report(res: dict, path: Path) -> None:
             lines.append(f"| {k} | {r[k]['images_per_s_per_core']:.0f} | {r[k]['speedup_vs_pil']:.2f}x |")
         lines += [
             "",
-            f"`draft` cannot reduce a 500x375 JPEG for a 256 px resize (1/2 scale would leave 187 px); on a 1000x750 JPEG it is {r['large_1000x750']['speedup_draft_vs_pil']:.2f}x PIL.",
+            f"`draft` cannot reduce a 500x375 JPEG for a 256 px resize (1/2 scale would leave 187 px); on a "
+            f"1000x750 JPEG it is {r['large_1000x750']['speedup_draft_vs_pil']:.2f}x PIL.",
             "",
         ]
     if "eval" in res:
@@ -723,8 +738,10 @@ def write_report(res: dict, path: Path) -> None:
         lines += [
             "## Evaluation: all conditions with one decode per image vs one decoding pass per condition",
             "",
-            f"{r['model']} on {r['images']} JPEGs, {r['conditions']} conditions: eleven passes {r['eleven_passes']['median_s']:.2f} s, "
-            f"`evaluate_robustness` (one decode) {r['one_decode']['median_s']:.2f} s: {r['speedup_one_decode']:.2f}x faster.",
+            f"{r['model']} on {r['images']} JPEGs, {r['conditions']} conditions: eleven passes "
+            f"{r['eleven_passes']['median_s']:.2f} s, "
+            f"`evaluate_robustness` (one decode) {r['one_decode']['median_s']:.2f} s: "
+            f"{r['speedup_one_decode']:.2f}x faster.",
             "",
         ]
     if targets:
