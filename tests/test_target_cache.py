@@ -105,3 +105,16 @@ def test_clear_errors():
         TargetCache.build(_task(), [([0, 0, 1, 2], images)])
     with pytest.raises(FileNotFoundError):
         TargetCache.load("/nonexistent/t.safetensors")
+
+
+def test_released_reference_trains_from_cache():
+    images, labels = _data(4)
+    task = _task()
+    cache = TargetCache.build(task, [([0, 1, 2, 3], images)], preprocessing=PRE)
+    task.release_reference()
+    assert task.reference is None
+    out = task(images, labels, reference_targets=cache.lookup([0, 1, 2, 3]))
+    out["loss"].backward()
+    assert float(out["constraint_loss"]) > 0
+    with pytest.raises(RuntimeError, match="released"):
+        task(images, labels)
