@@ -58,8 +58,11 @@ def alternate(fns: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
             fn()
     sync(device)
     samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for i in range(repeats):
+        # rotate the order every round so that no variant always runs right after the same other one
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn = fns[name]
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -137,9 +140,9 @@ def build_step(model_name: str, image_size: int, batch: int, variant: str, devic
     def step():
         targets = cached.lookup(ids, device=device) if cached is not None else None
         out = task(images, labels, reference_targets=targets)
-        opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # frees the gradients while the other variants run
 
     return step, task, info, images
 
@@ -166,15 +169,15 @@ def flip_rate(model_name, image_size, batch, variant, device) -> float:
 
 def bench_train(models, repeats, device) -> dict:
     out = {}
-    for model_name, size, batch in models:
+    for model_name, size, batch, mult in models:
         steps = {}
         infos = {}
         for v in TRAIN_VARIANTS:
             step, _task, info, _ = build_step(model_name, size, batch, v, device)
             steps[v], infos[v] = step, info
-        timing = alternate(steps, repeats, device, warmup=1)
+        timing = alternate(steps, repeats * mult, device, warmup=1)
         base = timing["plain"]["median_s"]
-        res = {"image_size": size, "batch": batch, "repeats": repeats, "variants": {}}
+        res = {"image_size": size, "batch": batch, "repeats": repeats * mult, "variants": {}}
         for v in TRAIN_VARIANTS:
             entry = {**timing[v], "ratio_to_plain": timing[v]["median_s"] / base, **infos[v]}
             if v in ("icl_bf16_copy", "icl_bf16_autocast"):
@@ -270,7 +273,7 @@ def run_child(spec: str, env_extra=None, threads=None) -> dict:
 def bench_memory(models, device) -> dict:
     out = {}
     variants = ("plain", "icl_fp32", "icl_bf16_copy", "icl_cached")
-    for model_name, size, batch in models:
+    for model_name, size, batch, _ in models:
         res = {v: run_child(f"{model_name},{size},{batch},{v},{device},2") for v in variants}
         base = res["plain"]["peak_bytes"]
         out[model_name] = {
@@ -286,7 +289,7 @@ def bench_memory(models, device) -> dict:
 
 def bench_malloc(model, repeats, steps) -> dict:
     """vgg16 ICL step with and without raised glibc thresholds, in alternating subprocesses."""
-    name, size, batch = model
+    name, size, batch, _ = model
     runs = {"default": [], "malloc_env": []}
     for _ in range(repeats):
         for key, env in (("default", {}), ("malloc_env", MALLOC_ENV)):
@@ -645,7 +648,7 @@ def write_report(res: dict, path: Path) -> None:
         kind = (
             "peak GPU memory allocated"
             if "gpu" in m and res.get("device") == "cuda"
-            else "peak RSS of a fresh process (model, optimiser, two steps)"
+            else "peak RSS of a fresh process: model, optimiser, two steps"
         )
         lines += [
             f"## Peak memory ({kind}), relative to plain fine-tuning",
@@ -767,15 +770,24 @@ def main(argv=None) -> dict:
     p.add_argument("--note", default="", help="text added to RESULTS.md (e.g. about machine load)")
     p.add_argument("--notes-file", type=Path, default=None, help="Markdown appended to RESULTS.md")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from --out/results.json (notes)")
     args = p.parse_args(argv)
     if args.child:
         _child(args)
         return {}
+    if args.report_only:
+        res = json.loads((args.out / "results.json").read_text())
+        if args.notes_file:
+            res["notes_md"] = args.notes_file.read_text()
+            (args.out / "results.json").write_text(json.dumps(res, indent=1))
+        write_report(res, args.out / "RESULTS.md")
+        return res
     sections = set(args.sections.split(","))
     r = args.repeats or (2 if args.quick else 5)
     vb = 1 if args.quick else args.vgg16_batch
     sb = 4 if args.quick else args.small_batch
-    models = [("vgg16", 224, vb), ("resnet18", 224, sb), ("vgg_tiny", 28, sb * 4)]
+    # (model, px, batch, repeat multiplier): cheap steps get more repeats, so that each model gets similar time
+    models = [("vgg16", 224, vb, 1), ("resnet18", 224, sb, 3), ("vgg_tiny", 28, sb * 4, 20)]
     if args.quick:
         models = models[1:]
     t0 = time.time()
