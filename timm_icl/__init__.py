@@ -46,6 +46,7 @@ from .losses import (
     icl_loss,
     mse_constraint_loss,
 )
+from .target_cache import StaleCacheError, TargetCache
 from .task import ICLTask
 
 __version__ = "0.1.0"
@@ -81,6 +82,8 @@ __all__ = [
     "DEFAULT_LAMBDA",
     "create_constraint",
     "ICLTask",
+    "TargetCache",
+    "StaleCacheError",
     "evaluate_robustness",
     "format_table",
     "plot_accuracy_vs_sigma",
