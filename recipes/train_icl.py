@@ -133,6 +133,8 @@ project = ProjectConfiguration(
     project_dir=str(run_dir), automatic_checkpoint_naming=True, total_limit=max(1, args.keep_checkpoints)
 )
 accelerator = Accelerator(
+    # several processes without GPUs: accelerate 1.15 only sets up gloo (MULTI_CPU) when told cpu=True
+    cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     mixed_precision=args.mixed_precision,
     log_with=args.log_with.split(",") if args.log_with else None,
     project_config=project,
