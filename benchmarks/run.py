@@ -98,7 +98,7 @@ def machine() -> dict:
 
 
 # -- training step -------------------------------------------------------------------------------------
-TRAIN_VARIANTS = ("plain", "icl_fp32", "icl_bf16_autocast", "icl_bf16_copy", "icl_cached")
+TRAIN_VARIANTS = ("plain", "icl_fp32", "icl_fp32_channels_last", "icl_bf16_autocast", "icl_bf16_copy", "icl_cached")
 
 
 def build_step(model_name: str, image_size: int, batch: int, variant: str, device: str, seed: int = 0):
@@ -112,6 +112,8 @@ def build_step(model_name: str, image_size: int, batch: int, variant: str, devic
     model = timm.create_model(model_name, num_classes=10 if model_name.startswith("vgg_") else 1000).to(device)
     constraint = "none" if variant == "plain" else "icl"
     kw = {"reference_dtype": torch.bfloat16} if variant == "icl_bf16_copy" else {}
+    if variant == "icl_fp32_channels_last":
+        kw["reference_channels_last"] = True
     task = timm_icl.ICLTask(model, constraint=constraint, seed=0, device=torch.device(device), **kw)
     task.train()
     g = torch.Generator().manual_seed(seed)
@@ -160,6 +162,8 @@ def flip_rate(model_name, image_size, batch, variant, device) -> float:
     a = ref32.reference_targets(images)
     if variant == "icl_bf16_copy":
         b = timm_icl.ICLTask(model, constraint="icl", seed=0, reference_dtype=torch.bfloat16).reference_targets(images)
+    elif variant == "icl_fp32_channels_last":
+        b = timm_icl.ICLTask(model, constraint="icl", seed=0, reference_channels_last=True).reference_targets(images)
     else:
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             b = ref32.reference_targets(images)
@@ -180,7 +184,7 @@ def bench_train(models, repeats, device) -> dict:
         res = {"image_size": size, "batch": batch, "repeats": repeats * mult, "variants": {}}
         for v in TRAIN_VARIANTS:
             entry = {**timing[v], "ratio_to_plain": timing[v]["median_s"] / base, **infos[v]}
-            if v in ("icl_bf16_copy", "icl_bf16_autocast"):
+            if v in ("icl_bf16_copy", "icl_bf16_autocast", "icl_fp32_channels_last"):
                 entry["target_flip_rate"] = flip_rate(model_name, size, max(batch, 4), v, device)
             res["variants"][v] = entry
         out[model_name] = res
@@ -594,15 +598,17 @@ def write_report(res: dict, path: Path) -> None:
     if "train" in res:
         lines += ["## Training step (forward + backward + SGD update), time relative to plain fine-tuning", ""]
         lines += [
-            "| model | px | batch | plain s | ICL fp32 | ICL bf16 autocast (flips) | ICL bf16 copy (flips) | "
-            "ICL cached |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | px | batch | plain s | ICL fp32 | ICL fp32 ref channels-last | ICL bf16 autocast (flips) "
+            "| ICL bf16 copy (flips) | ICL cached |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in res["train"].items():
             v = r["variants"]
             lines.append(
                 f"| {name} | {r['image_size']} | {r['batch']} | {v['plain']['median_s']:.3f} | "
                 f"{_f(v['icl_fp32']['ratio_to_plain'])} | "
+                f"{_f(v['icl_fp32_channels_last']['ratio_to_plain'])} "
+                f"({v['icl_fp32_channels_last']['target_flip_rate']:.3%}) | "
                 f"{_f(v['icl_bf16_autocast']['ratio_to_plain'])} ({v['icl_bf16_autocast']['target_flip_rate']:.3%}) | "
                 f"{_f(v['icl_bf16_copy']['ratio_to_plain'])} ({v['icl_bf16_copy']['target_flip_rate']:.3%}) | "
                 f"{_f(v['icl_cached']['ratio_to_plain'])} |"

@@ -118,3 +118,10 @@ def test_released_reference_trains_from_cache():
     assert float(out["constraint_loss"]) > 0
     with pytest.raises(RuntimeError, match="released"):
         task(images, labels)
+
+
+def test_channels_last_reference_gives_the_same_targets():
+    images, _ = _data(4)
+    a = _task().reference_targets(images)
+    b = _task(reference_channels_last=True).reference_targets(images)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -49,6 +49,8 @@ class ICLTask(TrainingTask):
         alpha: ICL sigmoid gain (paper: 100). margin: AB margin.
         reference: an explicit frozen reference model (default: a deep copy of ``model``).
         reference_dtype: dtype of the reference copy (e.g. ``torch.bfloat16`` for a cheaper reference).
+        reference_channels_last: run the reference in channels-last memory format (vgg16 reference forward
+            on CPU: about 2x faster, the same bits in benchmarks/RESULTS.md; the student is unaffected).
         criterion: recognition loss; default cross-entropy.
         mean, std: input normalisation; default the model's ``pretrained_cfg``.
         seed: seed of the distortion sampler (use a different seed per rank).
@@ -74,6 +76,7 @@ class ICLTask(TrainingTask):
         margin: float = 1.0,
         reference: nn.Module | None = None,
         reference_dtype: torch.dtype | None = None,
+        reference_channels_last: bool = False,
         criterion: Callable | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -112,7 +115,10 @@ class ICLTask(TrainingTask):
             ref = ref.eval().requires_grad_(False)
             if reference_dtype is not None:
                 ref = ref.to(reference_dtype)
+            if reference_channels_last:
+                ref = ref.to(memory_format=torch.channels_last)
             resolve_layers(ref, self.layers)  # fail early if the explicit reference lacks the layers
+        self.reference_channels_last = bool(reference_channels_last)
         self._reference_holder: list[nn.Module | None] = [ref]  # a list hides it from nn.Module registration
         self.to(self.device)
         self._checked_input_range = False
@@ -188,6 +194,8 @@ class ICLTask(TrainingTask):
         transform = (lambda h: h.float()) if needs_values else (lambda h: h > 0)
         ref_dtype = next(ref.parameters()).dtype
         x = self.normalize(images).to(ref_dtype)
+        if self.reference_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return run_until_captured(ref, x, self.layers, transform=transform)
 
     def _check_input_range(self, images: torch.Tensor) -> None:
