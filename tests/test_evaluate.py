@@ -199,3 +199,35 @@ def test_two_processes_give_exact_counts(tmp_path):
         # gathered in rank order: rank 0's images (0, 2, 4, ...) then rank 1's (1, 3, ...)
         order = list(range(0, 23, 2)) + list(range(1, 23, 2))
         assert multi["per_image"][name] == [single["per_image"][name][i] for i in order]
+
+
+def test_statistics_match_references():
+    from scipy.stats import binomtest
+
+    from timm_icl.report import format_comparison, mcnemar_test, paired_z_test, wilson_interval
+
+    low, high = wilson_interval(80, 100)
+    assert (round(low, 4), round(high, 4)) == (0.7112, 0.8666)  # textbook Wilson interval for 80/100
+    a = [1] * 10 + [0] * 3 + [1] * 50 + [0] * 7
+    b = [0] * 10 + [1] * 3 + [1] * 50 + [0] * 7
+    test = mcnemar_test(a, b)
+    assert (test["a_only"], test["b_only"]) == (10, 3)
+    assert test["p_value"] == pytest.approx(binomtest(3, 13, 0.5).pvalue, rel=1e-12)
+    big_a, big_b = [1] * 4000 + [0] * 3000, [0] * 4000 + [1] * 3000  # 7000 discordant pairs: chi-square branch
+    assert mcnemar_test(big_a, big_b)["p_value"] == pytest.approx(binomtest(3000, 7000, 0.5).pvalue, rel=0.05)
+    with pytest.raises(ValueError, match="same images"):
+        mcnemar_test([1, 0], [1])
+    # identical runs: no difference, p = 1
+    assert paired_z_test([[1, 0, 1]], [[1, 0, 1]])["p_value"] == 1.0
+    z = paired_z_test([[1, 1, 1, 0], [1, 1, 0, 0]], [[0, 1, 1, 0], [0, 1, 0, 0]])
+    assert z["mean_difference"] == pytest.approx(0.25)
+
+    res = {
+        "conditions": {
+            "clean": {"kind": "clean", "sigma": 0.0, "top1": 0.5, "correct": 2, "count": 4},
+            "noise20": {"kind": "noise", "sigma": 20.0, "top1": 0.25, "correct": 1, "count": 4},
+        },
+        "per_image": {"clean": [1, 1, 0, 0], "noise20": [1, 0, 0, 0]},
+    }
+    text = format_comparison({"a": res, "b": res})
+    assert "| a | 4 | 0.5000 [" in text and "| b | clean | +0.0000 | 0 | 0 | McNemar exact | 1.000 |" in text

@@ -246,7 +246,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         results[name] = loaded
     if args.baseline is not None and args.baseline not in results:
         raise ValueError(f"--baseline {args.baseline!r} is not one of the runs: {', '.join(results)}")
-    text = format_table(results) + "\n\n" + format_comparison(results, baseline=args.baseline)
+    text = (
+        format_table(results)
+        + "\n\n"
+        + format_comparison(results, baseline=args.baseline, per_condition=args.per_condition)
+    )
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
@@ -352,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("results", nargs="+", help="RESULT.json or NAME=RESULT.json (or a run folder with results.json)")
     p.add_argument("--baseline", default=None, help="run the others are tested against (default: the first)")
+    p.add_argument("--per-condition", action="store_true", help="also test each condition (McNemar)")
     p.add_argument("-o", "--output", default=None, help="also write the Markdown here")
     p.add_argument("--plot", default=None, help="write a PNG of accuracy against sigma, one line per run")
     p.set_defaults(func=_cmd_compare)

@@ -15,7 +15,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["wilson_interval", "mean_interval", "mcnemar_test", "group_correctness", "format_comparison"]
+__all__ = [
+    "wilson_interval",
+    "mean_interval",
+    "mcnemar_test",
+    "paired_z_test",
+    "group_correctness",
+    "format_comparison",
+]
 
 Z95 = 1.959963984540054
 
@@ -117,11 +124,47 @@ def _cell(stats: tuple[float, float, float] | None, digits: int) -> str:
 
 
 def _p(p: float) -> str:
+    if p < 1e-300:  # below double precision's normal range: erfc underflows to 0
+        return "< 1e-300"
     return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
 
 
+def per_condition_names(results: Mapping[str, Any]) -> list[str]:
+    """Names of the distorted conditions (not clean), in evaluation order."""
+    kinds = {"noise": 0, "blur": 1}
+    distorted = [
+        (kinds.get(c["kind"], 2), c["sigma"], n) for n, c in results["conditions"].items() if c["kind"] != "clean"
+    ]
+    return [n for _, _, n in sorted(distorted)]  # JSON files have sorted keys: restore (kind, sigma) order
+
+
+def paired_z_test(a_lists: Sequence[Sequence[int]], b_lists: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Two-sided paired z-test on per-image scores averaged over several conditions.
+
+    Args:
+        a_lists, b_lists: ``[condition][image]`` 0/1 correctness of two runs on the same images.
+
+    Returns:
+        ``{"mean_difference", "z", "p_value", "test": "paired z"}``; ``p_value`` 1.0 when every difference is 0.
+    """
+    if len(a_lists) != len(b_lists) or any(len(x) != len(y) for x, y in zip(a_lists, b_lists)):
+        raise ValueError("paired test needs the same conditions and images in both runs")
+    diffs = [(sum(a) - sum(b)) / len(a_lists) for a, b in zip(zip(*a_lists), zip(*b_lists))]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    if var == 0.0:
+        return {"mean_difference": mean, "z": 0.0, "p_value": 1.0, "test": "paired z"}
+    z = mean / math.sqrt(var / n)
+    return {"mean_difference": mean, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2)), "test": "paired z"}
+
+
 def format_comparison(
-    results_by_name: Mapping[str, Mapping[str, Any]], *, baseline: str | None = None, digits: int = 4
+    results_by_name: Mapping[str, Mapping[str, Any]],
+    *,
+    baseline: str | None = None,
+    digits: int = 4,
+    per_condition: bool = False,
 ) -> str:
     """Markdown: top-1 with 95% intervals per run, then McNemar's test of each run against the baseline.
 
@@ -129,6 +172,7 @@ def format_comparison(
         results_by_name: ``{run name: evaluate_robustness result}`` (per-image lists needed for the paired test).
         baseline: run every other run is tested against (default: the first).
         digits: decimals.
+        per_condition: also test every single condition (McNemar), not only clean / noise / blur.
     """
     if not results_by_name:
         raise ValueError("nothing to compare")
@@ -151,24 +195,31 @@ def format_comparison(
         base = results_by_name[baseline]
         lines += [
             "",
-            f"Paired test against **{baseline}** (McNemar on per-image correctness, all conditions of a group pooled):",
+            f"Paired tests against **{baseline}** on the same images: McNemar (exact) for one condition; for the "
+            "noise and blur groups a paired z-test on each image's accuracy averaged over the group's sigmas (the "
+            "sigmas of one image are not independent trials, so pooling them into one McNemar test would overstate "
+            "significance).",
             "",
-            "| run | group | delta top-1 | right only here | right only in baseline | p-value |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
+            "| run | group | delta top-1 | right only here | right only in baseline | test | p-value |",
+            "| --- | --- | ---: | ---: | ---: | --- | ---: |",
         ]
         for name in others:
             res = results_by_name[name]
-            for group in groups:
-                if not any(c["kind"] == group for c in res["conditions"].values()):
-                    continue
+            for group in list(groups) + (per_condition_names(res) if per_condition else []):
                 try:
-                    mine = [x for v in group_correctness(res, group) for x in v]
-                    theirs = [x for v in group_correctness(base, group) for x in v]
-                    test = mcnemar_test(mine, theirs)
+                    mine_lists, theirs_lists = group_correctness(res, group), group_correctness(base, group)
+                    if not mine_lists:
+                        continue
+                    mine = [x for v in mine_lists for x in v]
+                    theirs = [x for v in theirs_lists for x in v]
+                    test = mcnemar_test(mine, theirs)  # also checks that the images pair up
+                    if len(mine_lists) > 1:
+                        test.update(paired_z_test(mine_lists, theirs_lists))
                 except ValueError as e:
-                    lines.append(f"| {name} | {group} | - | - | - | n/a: {e} |")
+                    lines.append(f"| {name} | {group} | - | - | - | - | n/a: {e} |")
                     continue
                 delta = (sum(mine) - sum(theirs)) / max(1, len(mine))
                 counts = f"{test['a_only']} | {test['b_only']}"
-                lines.append(f"| {name} | {group} | {delta:+.{digits}f} | {counts} | {_p(test['p_value'])} |")
+                kind = test.get("test", "McNemar " + test["method"])
+                lines.append(f"| {name} | {group} | {delta:+.{digits}f} | {counts} | {kind} | {_p(test['p_value'])} |")
     return "\n".join(lines)
