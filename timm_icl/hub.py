@@ -247,6 +247,8 @@ def render_model_card(folder: str | Path, repo_id: str | None = None, *, transfo
     base_model = icl.get("base_model")
     if base_model and base_model.startswith("hf-hub:"):
         base_model = base_model[len("hf-hub:") :]
+    elif base_model and "/" not in base_model:
+        base_model = _hub_id_of_timm_name(base_model) or base_model  # "vgg16" -> "timm/vgg16.tv_in1k"
     method = (icl.get("method") or "icl").lower()
     method_title, method_text = _METHODS.get(method, (method, ""))
     tags = ["timm", "image-classification", "robustness", "gaussian-noise", "gaussian-blur", "timm-icl"]
@@ -309,6 +311,17 @@ def render_model_card(folder: str | Path, repo_id: str | None = None, *, transfo
         plot=PLOT_NAME if (folder / PLOT_NAME).exists() else None,
     )
     return str(card)
+
+
+def _hub_id_of_timm_name(name: str) -> str | None:
+    """The Hub repository of a timm pretrained tag (``"vgg16"`` -> ``"timm/vgg16.tv_in1k"``), if timm knows one."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # unknown names, old timm versions: the card then just names the model
+        return None
+    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
 
 
 def _format_value(value: Any) -> str:
