@@ -37,6 +37,7 @@ class _State:
         self.token = token
         self.repos: dict[str, dict] = {}  # repo_id -> {"files": {path: bytes}, "sha": str, "commits": [msg]}
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers) for assertions
+        self.fail_commits = 0  # answer this many commit requests with HTTP 503 first (to test retries)
         self.lock = threading.Lock()
 
 
@@ -118,6 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, {"files": out, "commitOid": self.state.repos[m["repo"]]["sha"]})
         m = re.fullmatch(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", path)
         if m:
+            if self.state.fail_commits > 0:
+                self.state.fail_commits -= 1
+                return self._error(503, "Service temporarily unavailable")
             repo = self.state.repos.get(m["repo"])
             if repo is None:
                 return self._error(404, "Repository not found", "RepoNotFound")
@@ -191,6 +195,10 @@ class HubServer:
     @property
     def requests(self) -> list:
         return self.state.requests
+
+    def fail_next_commits(self, count: int) -> None:
+        """Answer the next ``count`` commit requests with HTTP 503."""
+        self.state.fail_commits = count
 
     def start(self) -> HubServer:
         self._thread.start()

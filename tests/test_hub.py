@@ -202,3 +202,20 @@ def test_transformers_pipeline_agrees_with_timm(trained, exported):
             timm_top1 = int(model(transform(image).unsqueeze(0)).argmax())
         predicted = classifier(image, top_k=1)[0]["label"]
         assert predicted in (str(timm_top1), f"LABEL_{timm_top1}", hf_model.config.id2label[timm_top1])
+
+
+def test_push_retries_transient_errors_in_process(exported, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    with HubServer(token=TOKEN) as hub:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        hub.fail_next_commits(1)  # the first commit gets a 503: push_to_hub waits 1 s and tries again
+        url = push_to_hub(exported, "user/retry", token=TOKEN, retries=3)
+        assert url.startswith(f"{hub.url}/user/retry/commit/")
+        commits = [p for m, p, _ in hub.requests if p.endswith("/commit/main")]
+        assert len(commits) == 2 and hub.repos["user/retry"]["commits"] == ["Upload vgg-tiny-icl-test (timm-icl)"]
+        hub.fail_next_commits(5)
+        with pytest.raises(HubError, match=r"failed after 2 attempts \(HTTP 503"):
+            push_to_hub(exported, "user/retry", token=TOKEN, retries=2)
