@@ -63,6 +63,7 @@ group.add_argument("--image-size", type=int, default=None, help="default: the mo
 group.add_argument("--crop-pct", type=float, default=1.0, help="resize to size/crop_pct, then center-crop")
 group.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (decode images)")
 group.add_argument("--max-train-samples", type=int, default=None, help="use only the first N training samples")
+group.add_argument("--train-samples-per-epoch", type=int, default=None, help="a random subset of N per epoch")
 group.add_argument("--max-val-samples", type=int, default=None, help="validate on the first N samples")
 group = parser.add_argument_group("method")
 group.add_argument("--constraint", default="icl", choices=sorted(timm_icl.CONSTRAINTS), help="'none': plain")
@@ -186,6 +187,7 @@ train_loader, train_info = create_loader(
     shuffle=True,
     seed=args.seed,  # the same permutation on every rank; each takes its share
     max_samples=args.max_train_samples,
+    samples_per_epoch=args.train_samples_per_epoch,
     **loader_kwargs,
 )
 val_loader = None
@@ -229,7 +231,7 @@ if args.opt == "sgd":
 else:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 if train_loader.batch_sampler is not None:  # ranks differ by at most one batch; every rank runs the longest
-    batches_per_epoch = math.ceil(math.ceil(train_info["num_samples"] / world) / args.batch_size)
+    batches_per_epoch = math.ceil(math.ceil(train_loader.batch_sampler.num_samples / world) / args.batch_size)
 elif train_info["num_samples"]:
     batches_per_epoch = math.ceil(math.ceil(train_info["num_samples"] / world) / args.batch_size)
 else:

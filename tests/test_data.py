@@ -124,6 +124,19 @@ def test_sampler_epochs_and_skip():
     assert len(ShardedBatchSampler(10, 3, world_size=2, rank=1, drop_last=True)) == 1
 
 
+def test_sampler_subset_per_epoch():
+    subsets = []
+    for epoch in range(2):
+        shards = []
+        for rank in range(2):
+            sampler = ShardedBatchSampler(20, 2, rank=rank, world_size=2, shuffle=True, seed=5, samples_per_epoch=7)
+            sampler.set_epoch(epoch)
+            shards.append(sum(list(sampler), []))
+        assert sorted(map(len, shards)) == [3, 4] and not set(shards[0]) & set(shards[1])
+        subsets.append(set(shards[0]) | set(shards[1]))
+    assert len(subsets[0]) == 7 and subsets[0] != subsets[1]  # a fresh random subset each epoch
+
+
 def test_imagefolder(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()

@@ -372,6 +372,8 @@ class ShardedBatchSampler:
         shuffle: permute per epoch with ``torch.Generator().manual_seed(seed + epoch)`` (the same on every rank).
         seed: base seed of the permutation.
         drop_last: drop the last, smaller batch (and keep every rank at the same number of batches).
+        samples_per_epoch: use only the first N indices of each epoch's permutation (a fresh random subset per
+            epoch when shuffling; None: all).
     """
 
     def __init__(
@@ -384,11 +386,15 @@ class ShardedBatchSampler:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        samples_per_epoch: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.dataset_size = num_samples
+        if samples_per_epoch is not None:
+            num_samples = min(num_samples, samples_per_epoch)
         self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch, self._skip = 0, 0
@@ -402,10 +408,11 @@ class ShardedBatchSampler:
 
     def indices(self) -> list[int]:
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_size, generator=generator)
         else:
-            order = torch.arange(self.num_samples)
-        return order[self.rank :: self.world_size].tolist()
+            order = torch.arange(self.dataset_size)
+        return order[: self.num_samples][self.rank :: self.world_size].tolist()
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -475,6 +482,7 @@ def create_loader(
     drop_last: bool = False,
     crop_pct: float = 1.0,
     pin_memory: bool = False,
+    samples_per_epoch: int | None = None,
 ) -> tuple[ImageLoader, dict]:
     """A loader of this rank's share of ``dataset_spec``/``split`` (see :func:`create_dataset` for the sources).
 
@@ -496,6 +504,8 @@ def create_loader(
         drop_last: drop the last incomplete batch.
         crop_pct: see :func:`resize_center_crop`.
         pin_memory: pin batches (CUDA).
+        samples_per_epoch: map-style only: each epoch uses N samples of its permutation (a random subset per
+            epoch with ``shuffle``), sharded as usual.
 
     Returns:
         ``(loader, info)``; ``loader`` yields ``(images [B, 3, H, W] float32 in [0, 1], labels [B] int64)``;
@@ -520,6 +530,8 @@ def create_loader(
     if num_workers > 0:
         common["persistent_workers"] = False
     if isinstance(dataset, IterableDataset):
+        if samples_per_epoch is not None:
+            raise ValueError("samples_per_epoch needs map-style data; for a stream use max_samples")
         if isinstance(dataset, _MapAsStream):
             dataset.rank, dataset.world_size = rank, world_size
         else:
@@ -544,8 +556,9 @@ def create_loader(
             shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
+            samples_per_epoch=samples_per_epoch,
         )
         loader = DataLoader(dataset, batch_sampler=sampler, **common)
-        wrapped = ImageLoader(loader, sampler, len(range(rank, len(dataset), world_size)))
+        wrapped = ImageLoader(loader, sampler, len(range(rank, sampler.num_samples, world_size)))
     info.update(rank=rank, world_size=world_size)
     return wrapped, info
