@@ -61,7 +61,11 @@ def _create_model(model: str, *, pretrained: bool, num_classes: int | None = Non
     base = name.split(":", 1)[-1] if not name.startswith(("hf-hub:", "local-dir:", "hf_hub:")) else None
     if base is not None and not timm.is_model(base.split(".")[0]):
         raise ValueError(f"unknown timm model {model!r}; see timm.list_models('*{base.split('.')[0][:8]}*')")
-    return timm.create_model(name, pretrained=pretrained and from_weights, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained and from_weights, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:  # hub errors (offline, 404, gated) derive from OSError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot load model {model!r} ({type(e).__name__}: {first})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,6 +80,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .data import create_loader
     except ImportError:
         raise ValueError("timm_icl.data is not available in this installation; cannot read datasets") from None
+    from .conditions import parse_distortions
+
+    distortions = parse_distortions(args.distortions)  # fail on a typo before loading model and data
     model = _create_model(args.model, pretrained=not args.no_pretrained, num_classes=args.num_classes)
     image_size = args.image_size or tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
     accelerator = None
@@ -111,7 +118,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_robustness(
         model,
         loader,
-        args.distortions,
+        distortions,
         seed=args.seed,
         device=device,
         accelerator=accelerator,
