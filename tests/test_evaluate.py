@@ -113,6 +113,12 @@ def test_default_set_is_papers_and_topk_options(model_and_data):
     ]
     assert "per_image" not in res and "top5" not in res["conditions"]["clean"]
     assert res["distortions"] == "noise:20,40,60,80,100 blur:2,4,6,8,10"
+    # the ImageNet-C set keeps its own blur kernels (2*ceil(4*sigma)+1), wider than these 28 px images
+    res_c = evaluate_robustness(model, _loader(images[:4], labels[:4], 4), "imagenet-c", per_image=False)
+    assert list(res_c["conditions"])[1:] == ["noise20.4", "noise30.6", "noise45.9", "noise66.3", "noise96.9"] + [
+        f"blur{s}" for s in (1, 2, 3, 4, 6)
+    ]
+    assert all(c["count"] == 4 for c in res_c["conditions"].values())
 
 
 def test_bad_batches_give_clear_errors(model_and_data):
