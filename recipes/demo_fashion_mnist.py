@@ -35,6 +35,8 @@ def run_recipe(config: Path, output_dir: Path, *extra: str) -> dict:
     print("$", " ".join(cmd[1:]), flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
     env.setdefault("HF_DATASETS_OFFLINE", "1")
+    # One thread: on a small shared CPU, two threads spinning against other work ran 3x slower than one (measured).
+    env.setdefault("OMP_NUM_THREADS", "1")
     subprocess.run(cmd, check=True, env=env)
     return json.loads((output_dir / "eval.json").read_text())
 

@@ -116,6 +116,8 @@ if config_args.config:
     parser.set_defaults(**defaults)
 args = parser.parse_args(remaining)
 args.config = config_args.config
+if args.constraint == "none":  # plain fine-tuning: lambda 0, whatever a shared config says
+    args.constraint_weight = 0.0
 for action in parser._actions:  # config values skip argparse's checks: apply them here
     value = getattr(args, action.dest, None)
     if action.choices is not None and value is not None and value not in action.choices:
@@ -290,8 +292,8 @@ if args.resume:
 
 resolved = {k: v for k, v in vars(args).items()}
 resolved.update(model_name=model_name, image_size=image_size, num_classes=model.num_classes, world_size=world)
+run_dir.mkdir(parents=True, exist_ok=True)  # on every rank: each may write its own files into it
 if is_main:
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 if args.log_with:
     accelerator.init_trackers(run_dir.name, config={k: v for k, v in resolved.items() if v is not None})
