@@ -38,7 +38,9 @@ def run(*args: str, world: int = 1, timeout: int = 120) -> subprocess.CompletedP
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         cmd += ["--main_process_port", port, str(SCRIPT)]
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env(), timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # the launcher's own traceback hides the worker's: show the lines that name an error first
+    errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line and "errors.html" not in line)
+    assert proc.returncode == 0, errors[-3000:] + "\n---\n" + proc.stdout[-1500:] + proc.stderr[-3000:]
     return proc
 
 
