@@ -156,20 +156,28 @@ def say(message: str) -> None:
 # model first (its input size drives the data), then the data: each rank reads its own shard (sharded once, here;
 # the loaders do not go through prepare), decoded in workers, clean crops in [0, 1]
 # ---------------------------------------------------------------------------------------------------------------------
+def or_exit(fn, *fn_args, **fn_kwargs):
+    """Call ``fn``; a user's mistake (unknown model, dataset, column, layer) ends the run with one line."""
+    try:
+        return fn(*fn_args, **fn_kwargs)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
 init = Path(args.init_checkpoint) if args.init_checkpoint else None
 if init is not None and not init.exists():
     sys.exit(f"error: --init-checkpoint {init} does not exist")
 model_kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
 if init is not None and init.is_dir():  # a timm folder (config.json + model.safetensors), e.g. a previous RUN/model
-    model = timm.create_model(f"local-dir:{init}", pretrained=True, **model_kwargs)
+    model = or_exit(timm.create_model, f"local-dir:{init}", pretrained=True, **model_kwargs)
     model_name = model.pretrained_cfg.get("architecture", args.model)
 else:
-    model = timm.create_model(args.model, pretrained=args.pretrained and init is None, **model_kwargs)
+    model = or_exit(timm.create_model, args.model, pretrained=args.pretrained and init is None, **model_kwargs)
     model_name = args.model
     if init is not None:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(init)))
+        or_exit(model.load_state_dict, load_file(str(init)))
 image_size = args.image_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
 loader_kwargs = dict(
     image_size=image_size,
@@ -182,7 +190,8 @@ loader_kwargs = dict(
     num_workers=args.num_workers,
     pin_memory=torch.cuda.is_available(),
 )
-train_loader, train_info = create_loader(
+train_loader, train_info = or_exit(
+    create_loader,
     args.dataset,
     args.train_split,
     batch_size=args.batch_size,
@@ -194,8 +203,13 @@ train_loader, train_info = create_loader(
 )
 val_loader = None
 if args.val_split.lower() != "none":
-    val_loader, val_info = create_loader(
-        args.dataset, args.val_split, batch_size=args.batch_size * 2, max_samples=args.max_val_samples, **loader_kwargs
+    val_loader, val_info = or_exit(
+        create_loader,
+        args.dataset,
+        args.val_split,
+        batch_size=args.batch_size * 2,
+        max_samples=args.max_val_samples,
+        **loader_kwargs,
     )
 num_classes = train_info["num_classes"]
 if num_classes and model.num_classes != num_classes:
@@ -210,7 +224,8 @@ if num_classes and model.num_classes != num_classes:
 # ---------------------------------------------------------------------------------------------------------------------
 if args.channels_last:
     model = model.to(memory_format=torch.channels_last)
-task = ICLTask(
+task = or_exit(
+    ICLTask,
     model,
     constraint=args.constraint,
     constraint_weight=args.constraint_weight,

@@ -114,3 +114,12 @@ def test_two_processes_see_every_sample_once(tmp_path, streaming):
     assert "world_size: 2" in config
     model = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True)
     assert model.num_classes == 13
+
+
+def test_user_mistakes_end_with_one_line(dataset, tmp_path):
+    cmd = [sys.executable, str(SCRIPT), *COMMON, "--dataset", str(dataset), "--output-dir", str(tmp_path / "x")]
+    proc = subprocess.run([*cmd, "--layers", "nope"], capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: layer 'nope'")
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([*cmd, "--label-column", "nope"], capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode != 0 and "error: no label column 'nope'" in proc.stderr and "Traceback" not in proc.stderr
