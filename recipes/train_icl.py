@@ -290,6 +290,7 @@ def latest_checkpoint() -> Path | None:
     return found[-1] if found else None
 
 
+resumed = False
 if args.resume:
     ckpt = latest_checkpoint() if args.resume == "latest" else Path(args.resume)
     if ckpt is None:
@@ -304,6 +305,12 @@ if args.resume:
         train_loader.num_skipped = state["num_skipped"]
         accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
         say(f"resumed from {ckpt} at epoch {position['epoch']}, step {position['step']}")
+        resumed = True
+if not resumed and latest_checkpoint() is not None:
+    # A fresh run in a used folder (e.g. the demo run twice): number new checkpoints after the old ones, which
+    # rotation then removes; metrics.jsonl starts over.
+    accelerator.project_configuration.iteration = int(latest_checkpoint().name.split("_")[-1]) + 1
+    say(f"{run_dir} holds checkpoints of an earlier run: starting fresh (pass --resume latest to continue it)")
 
 resolved = {k: v for k, v in vars(args).items()}
 resolved.update(model_name=model_name, image_size=image_size, num_classes=model.num_classes, world_size=world)
@@ -312,7 +319,7 @@ if is_main:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 if args.log_with:
     accelerator.init_trackers(run_dir.name, config={k: v for k, v in resolved.items() if v is not None})
-metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115 (open for the whole run)
+metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w") if is_main else None  # noqa: SIM115 (open for the whole run)
 
 
 def log(record: dict) -> None:
@@ -397,7 +404,7 @@ say(
 task.train()
 results = None
 stopped = False
-labels_file = open(run_dir / f"labels_rank{rank}.jsonl", "a") if args.log_labels else None  # noqa: SIM115
+labels_file = open(run_dir / f"labels_rank{rank}.jsonl", "a" if resumed else "w") if args.log_labels else None  # noqa: SIM115
 for epoch in range(position["epoch"], args.epochs):
     if args.max_steps is not None and position["step"] >= args.max_steps:
         break
