@@ -30,7 +30,6 @@ uses 0.01 (set ``--ft-lr``).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import platform
@@ -43,36 +42,32 @@ import torch
 
 import timm_icl
 from timm_icl import ICLTask, parse_distortions
+from timm_icl._fashion_mnist import fashion_mnist_root, load_fashion_mnist, local_files_available
 from timm_icl.report import paired_z_test
-
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 # ----------------------------------------------------------------------------------------- data
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format): magic (2 zero bytes, dtype, ndim), big-endian dims, uint8 data."""
-    with gzip.open(path) as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_fashion_mnist(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """All of Fashion-MNIST in memory as uint8 ``[N, 28, 28]`` images and int64 labels (47 MB)."""
-    missing = [p for p in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz") if not (root / p).exists()]
-    if missing:
+def load_all_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """All of Fashion-MNIST in memory (timm_icl's IDX reader): uint8 ``[N, 28, 28]`` images, int64 labels."""
+    if not (local_files_available("train") and local_files_available("test")):
         raise SystemExit(
-            f"Fashion-MNIST not found in {root} (missing {missing}); install it with "
-            "`apt-get install dataset-fashion-mnist` (or run `bash .ci/setup`)"
+            f"Fashion-MNIST not found in {fashion_mnist_root()}; install it with "
+            "`apt-get install dataset-fashion-mnist` (or run `bash .ci/setup`), or set TIMM_ICL_FASHION_MNIST"
         )
     out = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = torch.from_numpy(read_idx(root / f"{prefix}-images-idx3-ubyte.gz").copy())
-        labels = torch.from_numpy(read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").copy()).long()
-        out[split] = (images, labels)
+    for split in ("train", "test"):
+        images, labels = load_fashion_mnist(split)
+        out[split] = (torch.from_numpy(images.copy()), torch.from_numpy(labels))
     return out
+
+
+def pack_bits(correct: list[int]) -> str:
+    """Per-image 0/1 correctness -> hex of the packed bits (keeps the results JSON small)."""
+    return np.packbits(np.asarray(correct, dtype=np.uint8)).tobytes().hex()
+
+
+def unpack_bits(packed: str, count: int) -> list[int]:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))[:count].astype(int).tolist()
 
 
 def to_rgb01(images_u8: torch.Tensor) -> torch.Tensor:
@@ -170,7 +165,6 @@ def main() -> None:
     parser.add_argument("--lambdas", default="0.125,0.1,0.075,0.05,0.025", help="the paper's sweep")
     parser.add_argument("--constraints", default="icl,mse,ab")
     parser.add_argument("--val-size", type=int, default=6000)
-    parser.add_argument("--data-root", type=Path, default=FASHION_MNIST)
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
@@ -189,7 +183,7 @@ def main() -> None:
     distortions = parse_distortions(args.distortions)
     wall_start = time.perf_counter()
 
-    data = load_fashion_mnist(args.data_root)
+    data = load_all_splits()
     train_images, train_labels = data["train"]
     split_gen = torch.Generator().manual_seed(12345)
     perm = torch.randperm(len(train_labels), generator=split_gen)
@@ -374,11 +368,20 @@ def build_report(args, distortions, ref_test, ref_val, results, selected, sweep,
         "reference_test": ref_test["top1"],
         "reference_val": ref_val["top1"],
         "runs": {m: [{"top1": r["top1"], "summary": r["summary"]} for r in runs] for m, runs in results.items()},
-        "per_image": {m: [r["per_image"] for r in runs] for m, runs in results.items()},
+        # per-image correctness as hex-packed bits: "count" images per list (see unpack_bits)
+        "per_image_count": len(next(iter(results.values()))[0]["per_image"]["clean"]),
+        "per_image": {
+            m: [{c: pack_bits(v) for c, v in r["per_image"].items()} for r in runs] for m, runs in results.items()
+        },
         "images_per_s": speed,
         "wall_seconds": wall,
     }
     return {"markdown": "\n".join(lines), "json": payload}
+
+
+def _as_list(per_image: str | list[int], count: int | None) -> list[int]:
+    # results written before per-image bits were packed hold plain lists
+    return per_image if isinstance(per_image, list) else unpack_bits(per_image, count)
 
 
 def rebuild_report(json_path: Path) -> None:
@@ -387,7 +390,10 @@ def rebuild_report(json_path: Path) -> None:
     args = argparse.Namespace(**saved["config"])
     distortions = parse_distortions(saved["distortions"])
     results = {
-        m: [{**run, "per_image": per_image} for run, per_image in zip(saved["runs"][m], saved["per_image"][m])]
+        m: [
+            {**run, "per_image": {c: _as_list(v, saved.get("per_image_count")) for c, v in per_image.items()}}
+            for run, per_image in zip(saved["runs"][m], saved["per_image"][m])
+        ]
         for m in saved["runs"]
     }
     ref_test = {"top1": saved["reference_test"]}
@@ -408,7 +414,8 @@ def rebuild_report(json_path: Path) -> None:
         saved["wall_seconds"],
     )
     json_path.with_suffix(".md").write_text(report["markdown"])
-    saved["paired_tests_vs_plain"] = report["json"]["paired_tests_vs_plain"]
+    for key in ("paired_tests_vs_plain", "per_image", "per_image_count"):
+        saved[key] = report["json"][key]
     json_path.write_text(json.dumps(saved))
     plot(results, ref_test, distortions, json_path.with_suffix(".png"))
     print(report["markdown"])

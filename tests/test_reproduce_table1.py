@@ -33,10 +33,15 @@ def test_reproduce_table1_quick(tmp_path):
         assert saved["selected_lambda"][constraint] == float(max(scores, key=scores.get))
     # a reference trained for one epoch on 6,000 images is far above chance (10%) on clean test images
     assert saved["reference_test"]["clean"] > 0.5
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from reproduce_table1 import unpack_bits
+
+    assert saved["per_image_count"] == 2000
     for method, runs in saved["runs"].items():
         for run, per_image in zip(runs, saved["per_image"][method]):
-            assert len(per_image["clean"]) == 2000
-            assert run["top1"]["clean"] == pytest.approx(sum(per_image["clean"]) / 2000)
+            clean = unpack_bits(per_image["clean"], saved["per_image_count"])
+            assert len(clean) == 2000 and set(clean) <= {0, 1}
+            assert run["top1"]["clean"] == pytest.approx(sum(clean) / 2000)
     # the Markdown reports the JSON's mean for ICL's clean accuracy
     icl_clean = 100 * saved["table"]["icl"]["clean"]["mean"]
     assert f"{icl_clean:.2f} ±" in md
