@@ -148,12 +148,12 @@ def run_until_captured(
 
     Returns ``{layer: tensor}`` like :func:`capture_preactivations`.
     """
-    with capture_preactivations(model, layers, transform=transform, stop_when_done=True) as store:
+    specs = resolve_layers(model, layers)
+    with capture_preactivations(model, specs, transform=transform, stop_when_done=True) as store:
         try:
             model(images)
         except _AllCaptured:
             pass
-    specs = resolve_layers(model, layers)
     missing = [s for s in specs if s not in store]
     if missing:
         raise RuntimeError(f"layers {missing} were not reached by the forward pass of {type(model).__name__}")
