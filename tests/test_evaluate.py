@@ -175,6 +175,7 @@ res = evaluate_robustness(model, shard, "noise:50 blur:1", accelerator=accelerat
 single = evaluate_robustness(model, [(images, labels)], "noise:50 blur:1", mean=(0.5,) * 3, std=(0.5,) * 3)
 if accelerator.is_main_process:
     json.dump({"multi": res, "single": single, "world": world}, open(sys.argv[1], "w"))
+accelerator.end_training()  # destroy the gloo group before exit (else rank 0 can abort at teardown)
 """
 
 

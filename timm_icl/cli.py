@@ -89,7 +89,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch` / torchrun: shard, sum counts
         from accelerate import Accelerator
 
-        accelerator = Accelerator()
+        # without GPUs accelerate only sets up gloo across processes when told cpu=True (as in the recipe)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     loader, info = create_loader(
@@ -124,6 +125,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         accelerator=accelerator,
         progress=not args.quiet and rank == 0,
     )
+    if accelerator is not None:
+        # tear the process group down before exit: a live gloo group at interpreter exit can abort the process
+        accelerator.end_training()
     if rank != 0:
         return 0
     name = args.name or _display_name(args.model)
