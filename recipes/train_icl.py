@@ -13,7 +13,9 @@ The run folder (``--output-dir``) holds config.yaml (the resolved settings), met
 ``save_state``, rotated), eval.json (the last validation) and model/ (the final model as a timm folder:
 ``timm.create_model("local-dir:RUN/model", pretrained=True)``).
 
-Read top to bottom: settings, data, model + task, optimizer + schedule, resume, the loop, export.
+Read top to bottom: settings, accelerator, model, data, task, optimizer + schedule, run folder + resume, the loop,
+export, and ``main()`` which calls them in that order. Every step is a function, importable by tests and by
+``reproduce_table1.py`` (``from train_icl import main``; ``main(["--model", ...])`` runs the whole job).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -39,123 +43,106 @@ import timm_icl
 from timm_icl import ICLTask, evaluate_robustness, parse_distortions
 from timm_icl.data import create_loader
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # settings: a YAML config gives the defaults, flags override (timm's train.py two-stage parse)
 # ---------------------------------------------------------------------------------------------------------------------
-config_parser = argparse.ArgumentParser(add_help=False)
-config_parser.add_argument("-c", "--config", default=None, help="YAML file of defaults (flat keys)")
-
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-parser.add_argument("-c", "--config", default=None, help="YAML file of defaults (flat keys = option names)")
-group = parser.add_argument_group("model")
-group.add_argument("--model", default="vgg16", help="timm model name (ignored with a local-dir --init-checkpoint)")
-group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="timm pretrained weights")
-group.add_argument("--init-checkpoint", default=None, help="start from local weights: a timm folder or .safetensors")
-group.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the dataset's)")
-group = parser.add_argument_group("data")
-group.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist', a Hub id, a parquet or image folder")
-group.add_argument("--train-split", default="train")
-group.add_argument("--val-split", default="validation", help="'none' to skip validation")
-group.add_argument("--image-column", default=None, help="default: detected")
-group.add_argument("--label-column", default=None, help="default: detected")
-group.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False, help="stream the dataset")
-group.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
-group.add_argument("--crop-pct", type=float, default=1.0, help="resize to size/crop_pct, then center-crop")
-group.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (decode images)")
-group.add_argument("--max-train-samples", type=int, default=None, help="use only the first N training samples")
-group.add_argument("--train-samples-per-epoch", type=int, default=None, help="a random subset of N per epoch")
-group.add_argument("--max-val-samples", type=int, default=None, help="validate on the first N samples")
-group = parser.add_argument_group("method")
-group.add_argument("--constraint", default="icl", choices=sorted(timm_icl.CONSTRAINTS), help="'none': plain")
-group.add_argument("--constraint-weight", type=float, default=None, help="lambda (default per constraint)")
-group.add_argument("--alpha", type=float, default=100.0, help="ICL's sharpness alpha")
-group.add_argument("--margin", type=float, default=1.0, help="activation-boundary margin")
-group.add_argument("--layers", default=None, help="comma-separated layers (default: the model's preset)")
-group.add_argument("--distortions", default="paper", help="training conditions: 'paper', 'small', 'noise:20,40 ...'")
-group.add_argument("--clean-fraction", type=float, default=0.0, help="share of training images left clean")
-group.add_argument("--val-distortions", default=None, help="validation conditions (default: --distortions)")
-group = parser.add_argument_group("optimisation")
-group.add_argument("--epochs", type=int, default=40)
-group.add_argument("--batch-size", type=int, default=64, help="per process, per micro-batch")
-group.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-group.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])
-group.add_argument("--lr", type=float, default=0.001)
-group.add_argument("--momentum", type=float, default=0.9)
-group.add_argument("--weight-decay", type=float, default=0.0)
-group.add_argument("--sched", default="constant", choices=["constant", "cosine", "step"])
-group.add_argument("--warmup-steps", type=int, default=0)
-group.add_argument("--decay-epochs", type=float, default=10, help="step schedule: epochs between x0.1 decays")
-group.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
-group.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
-group = parser.add_argument_group("hardware")
-group.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
-group.add_argument("--compile", action="store_true", help="torch.compile the student")
-group.add_argument("--channels-last", action="store_true")
-group.add_argument("--seed", type=int, default=0)
-group = parser.add_argument_group("run folder, logging, checkpoints")
-group.add_argument("--output-dir", default="runs/icl", help="the run folder")
-group.add_argument("--log-every", type=int, default=10, help="optimizer steps between metric lines")
-group.add_argument("--log-with", default=None, help="accelerate trackers, e.g. 'tensorboard' or 'wandb'")
-group.add_argument("--checkpoint-every-steps", type=int, default=0, help="0: only per epoch")
-group.add_argument("--checkpoint-every-epochs", type=int, default=1, help="0: never per epoch")
-group.add_argument("--keep-checkpoints", type=int, default=3, help="rotation: newest N kept")
-group.add_argument("--resume", default=None, help="'latest' (of --output-dir) or a checkpoint folder")
-group.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the exported model")
-group.add_argument("--stop-after-steps", type=int, default=None, help="testing: SIGTERM ourselves at this step")
-group.add_argument("--log-labels", action="store_true", help="testing: write each rank's labels per epoch")
-group.add_argument("--dry-run", action="store_true", help="print the resolved settings as YAML and exit")
-
-config_args, remaining = config_parser.parse_known_args()
-if config_args.config:
-    with open(config_args.config) as f:
-        defaults = yaml.safe_load(f) or {}
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(defaults) - known)
-    if unknown:
-        sys.exit(f"error: {config_args.config} names unknown options {unknown}")
-    parser.set_defaults(**defaults)
-args = parser.parse_args(remaining)
-args.config = config_args.config
-if args.constraint == "none":  # plain fine-tuning: lambda 0, whatever a shared config says
-    args.constraint_weight = 0.0
-for action in parser._actions:  # config values skip argparse's checks: apply them here
-    value = getattr(args, action.dest, None)
-    if action.choices is not None and value is not None and value not in action.choices:
-        sys.exit(f"error: {action.dest} = {value!r} is not one of {sorted(action.choices)}")
-    if action.type in (int, float) and value is not None and not isinstance(value, int | float):
-        sys.exit(f"error: {action.dest} = {value!r} is not a number")
-if args.dry_run:
-    print(yaml.safe_dump(vars(args), sort_keys=False), end="")
-    sys.exit(0)
-run_dir = Path(args.output_dir)
-
-# ---------------------------------------------------------------------------------------------------------------------
-# accelerate: one process per device; checkpoints named checkpoints/checkpoint_<i>, newest N kept
-# ---------------------------------------------------------------------------------------------------------------------
-project = ProjectConfiguration(
-    project_dir=str(run_dir), automatic_checkpoint_naming=True, total_limit=max(1, args.keep_checkpoints)
-)
-accelerator = Accelerator(
-    # several processes without GPUs: accelerate 1.15 only sets up gloo (MULTI_CPU) when told cpu=True
-    cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-    mixed_precision=args.mixed_precision,
-    log_with=args.log_with.split(",") if args.log_with else None,
-    project_config=project,
-)
-device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-is_main = accelerator.is_main_process
-set_seed(args.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's options; the long names (with ``_``) are also the YAML config keys."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("-c", "--config", default=None, help="YAML file of defaults (flat keys = option names)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="vgg16", help="timm model name (ignored with a local-dir --init-checkpoint)")
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="timm weights")
+    group.add_argument("--init-checkpoint", default=None, help="start from local weights: timm folder / .safetensors")
+    group.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the dataset's)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist', Hub id, parquet or image folder")
+    group.add_argument("--train-split", default="train")
+    group.add_argument("--val-split", default="validation", help="'none' to skip validation")
+    group.add_argument("--image-column", default=None, help="default: detected")
+    group.add_argument("--label-column", default=None, help="default: detected")
+    group.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False, help="stream the dataset")
+    group.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
+    group.add_argument("--crop-pct", type=float, default=1.0, help="resize to size/crop_pct, then center-crop")
+    group.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (decode images)")
+    group.add_argument("--max-train-samples", type=int, default=None, help="use only the first N training samples")
+    group.add_argument("--train-samples-per-epoch", type=int, default=None, help="a random subset of N per epoch")
+    group.add_argument("--max-val-samples", type=int, default=None, help="validate on the first N samples")
+    group = parser.add_argument_group("method")
+    group.add_argument("--constraint", default="icl", choices=sorted(timm_icl.CONSTRAINTS), help="'none': plain")
+    group.add_argument("--constraint-weight", type=float, default=None, help="lambda (default per constraint)")
+    group.add_argument("--alpha", type=float, default=100.0, help="ICL's sharpness alpha")
+    group.add_argument("--margin", type=float, default=1.0, help="activation-boundary margin")
+    group.add_argument("--layers", default=None, help="comma-separated layers (default: the model's preset)")
+    group.add_argument("--distortions", default="paper", help="training conditions: 'paper', 'small', 'noise:20 ...'")
+    group.add_argument("--clean-fraction", type=float, default=0.0, help="share of training images left clean")
+    group.add_argument("--val-distortions", default=None, help="validation conditions (default: --distortions)")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=40)
+    group.add_argument("--batch-size", type=int, default=64, help="per process, per micro-batch")
+    group.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    group.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])
+    group.add_argument("--lr", type=float, default=0.001)
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--sched", default="constant", choices=["constant", "cosine", "step"])
+    group.add_argument("--warmup-steps", type=int, default=0)
+    group.add_argument("--decay-epochs", type=float, default=10, help="step schedule: epochs between x0.1 decays")
+    group.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    group.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    group = parser.add_argument_group("hardware")
+    group.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
+    group.add_argument("--compile", action="store_true", help="torch.compile the student")
+    group.add_argument("--channels-last", action="store_true")
+    group.add_argument("--seed", type=int, default=0)
+    group = parser.add_argument_group("run folder, logging, checkpoints")
+    group.add_argument("--output-dir", default="runs/icl", help="the run folder")
+    group.add_argument("--log-every", type=int, default=10, help="optimizer steps between metric lines")
+    group.add_argument("--log-with", default=None, help="accelerate trackers, e.g. 'tensorboard' or 'wandb'")
+    group.add_argument("--checkpoint-every-steps", type=int, default=0, help="0: only per epoch")
+    group.add_argument("--checkpoint-every-epochs", type=int, default=1, help="0: never per epoch")
+    group.add_argument("--keep-checkpoints", type=int, default=3, help="rotation: newest N kept")
+    group.add_argument("--resume", default=None, help="'latest' (of --output-dir) or a checkpoint folder")
+    group.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the exported model")
+    group.add_argument("--stop-after-steps", type=int, default=None, help="testing: SIGTERM ourselves at this step")
+    group.add_argument("--log-labels", action="store_true", help="testing: write each rank's labels per epoch")
+    group.add_argument("--dry-run", action="store_true", help="print the resolved settings as YAML and exit")
+    return parser
 
 
-def say(message: str) -> None:
-    if is_main:
-        tqdm.write(message)
+def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default: ``sys.argv[1:]``): the YAML named by ``-c`` first, then the flags over it.
+
+    A user's mistake (unknown key, a value of the wrong type) ends the run with one line.
+    """
+    parser = build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("-c", "--config", default=None)
+    config_args, remaining = config_parser.parse_known_args(argv)
+    if config_args.config:
+        with open(config_args.config) as f:
+            defaults = yaml.safe_load(f) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            sys.exit(f"error: {config_args.config} names unknown options {unknown}")
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(remaining)
+    args.config = config_args.config
+    if args.constraint == "none":  # plain fine-tuning: lambda 0, whatever a shared config says
+        args.constraint_weight = 0.0
+    for action in parser._actions:  # config values skip argparse's checks: apply them here
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            sys.exit(f"error: {action.dest} = {value!r} is not one of {sorted(action.choices)}")
+        if action.type in (int, float) and value is not None and not isinstance(value, int | float):
+            sys.exit(f"error: {action.dest} = {value!r} is not a number")
+    return args
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# model first (its input size drives the data), then the data: each rank reads its own shard (sharded once, here;
-# the loaders do not go through prepare), decoded in workers, clean crops in [0, 1]
-# ---------------------------------------------------------------------------------------------------------------------
 def or_exit(fn, *fn_args, **fn_kwargs):
     """Call ``fn``; a user's mistake (unknown model, dataset, column, layer) ends the run with one line."""
     try:
@@ -164,201 +151,324 @@ def or_exit(fn, *fn_args, **fn_kwargs):
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
-init = Path(args.init_checkpoint) if args.init_checkpoint else None
-if init is not None and not init.exists():
-    sys.exit(f"error: --init-checkpoint {init} does not exist")
-model_kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
-if init is not None and init.is_dir():  # a timm folder (config.json + model.safetensors), e.g. a previous RUN/model
-    model = or_exit(timm.create_model, f"local-dir:{init}", pretrained=True, **model_kwargs)
-    model_name = model.pretrained_cfg.get("architecture", args.model)
-else:
-    model = or_exit(timm.create_model, args.model, pretrained=args.pretrained and init is None, **model_kwargs)
-    model_name = args.model
-    if init is not None:
-        from safetensors.torch import load_file
+# ---------------------------------------------------------------------------------------------------------------------
+# accelerate: one process per device; checkpoints named checkpoints/checkpoint_<i>, newest N kept
+# ---------------------------------------------------------------------------------------------------------------------
+def create_accelerator(args: argparse.Namespace) -> Accelerator:
+    project = ProjectConfiguration(
+        project_dir=str(args.output_dir), automatic_checkpoint_naming=True, total_limit=max(1, args.keep_checkpoints)
+    )
+    accelerator = Accelerator(
+        # several processes without GPUs: accelerate 1.15 only sets up gloo (MULTI_CPU) when told cpu=True
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        mixed_precision=args.mixed_precision,
+        log_with=args.log_with.split(",") if args.log_with else None,
+        project_config=project,
+    )
+    set_seed(args.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
+    return accelerator
 
-        or_exit(model.load_state_dict, load_file(str(init)))
-image_size = args.image_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-loader_kwargs = dict(
-    image_size=image_size,
-    crop_pct=args.crop_pct,
-    image_column=args.image_column,
-    label_column=args.label_column,
-    streaming=args.streaming,
-    rank=rank,
-    world_size=world,
-    num_workers=args.num_workers,
-    pin_memory=torch.cuda.is_available(),
-)
-train_loader, train_info = or_exit(
-    create_loader,
-    args.dataset,
-    args.train_split,
-    batch_size=args.batch_size,
-    shuffle=True,
-    seed=args.seed,  # the same permutation on every rank; each takes its share
-    max_samples=args.max_train_samples,
-    samples_per_epoch=args.train_samples_per_epoch,
-    **loader_kwargs,
-)
-val_loader = None
-if args.val_split.lower() != "none":
-    val_loader, val_info = or_exit(
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the model first (its input size drives the data)
+# ---------------------------------------------------------------------------------------------------------------------
+def create_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Path | None]:
+    """The student at its starting weights: ``(model, model_name, init_checkpoint_path)``."""
+    init = Path(args.init_checkpoint) if args.init_checkpoint else None
+    if init is not None and not init.exists():
+        sys.exit(f"error: --init-checkpoint {init} does not exist")
+    model_kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    if init is not None and init.is_dir():  # a timm folder (config.json + model.safetensors), e.g. a previous RUN/model
+        model = or_exit(timm.create_model, f"local-dir:{init}", pretrained=True, **model_kwargs)
+        model_name = model.pretrained_cfg.get("architecture", args.model)
+    else:
+        model = or_exit(timm.create_model, args.model, pretrained=args.pretrained and init is None, **model_kwargs)
+        model_name = args.model
+        if init is not None:
+            from safetensors.torch import load_file
+
+            or_exit(model.load_state_dict, load_file(str(init)))
+    return model, model_name, init
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data: each rank reads its own shard (sharded once, here; the loaders do not go through prepare), decoded in
+# workers, clean crops in [0, 1]
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    train_loader: Any
+    train_info: dict
+    val_loader: Any | None
+    image_size: int
+
+
+def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, world: int) -> Data:
+    image_size = args.image_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    loader_kwargs = dict(
+        image_size=image_size,
+        crop_pct=args.crop_pct,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        streaming=args.streaming,
+        rank=rank,
+        world_size=world,
+        num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    train_loader, train_info = or_exit(
         create_loader,
         args.dataset,
-        args.val_split,
-        batch_size=args.batch_size * 2,
-        max_samples=args.max_val_samples,
+        args.train_split,
+        batch_size=args.batch_size,
+        shuffle=True,
+        seed=args.seed,  # the same permutation on every rank; each takes its share
+        max_samples=args.max_train_samples,
+        samples_per_epoch=args.train_samples_per_epoch,
         **loader_kwargs,
     )
-num_classes = train_info["num_classes"]
-if num_classes and model.num_classes != num_classes:
-    if init is not None:
-        sys.exit(f"error: the checkpoint predicts {model.num_classes} classes but the dataset has {num_classes}")
-    say(f"resetting the {model.num_classes}-class head to the dataset's {num_classes} classes")
-    model.reset_classifier(num_classes)
+    val_loader = None
+    if args.val_split.lower() != "none":
+        val_loader, _ = or_exit(
+            create_loader,
+            args.dataset,
+            args.val_split,
+            batch_size=args.batch_size * 2,
+            max_samples=args.max_val_samples,
+            **loader_kwargs,
+        )
+    return Data(train_loader, train_info, val_loader, image_size)
+
+
+def fit_head(args: argparse.Namespace, model: torch.nn.Module, num_classes: int | None, say) -> None:
+    """Give the model the dataset's number of classes (a fresh head), unless it starts from a local checkpoint."""
+    if num_classes and model.num_classes != num_classes:
+        if args.init_checkpoint is not None:
+            sys.exit(f"error: the checkpoint predicts {model.num_classes} classes but the dataset has {num_classes}")
+        say(f"resetting the {model.num_classes}-class head to the dataset's {num_classes} classes")
+        model.reset_classifier(num_classes)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the task: the student is trained; the frozen reference (a copy of the starting weights) stays OUT of prepare/DDP
 # and out of checkpoints (ICLTask keeps it unregistered). Distortion sampling is seeded per rank (seed + rank).
 # ---------------------------------------------------------------------------------------------------------------------
-if args.channels_last:
-    model = model.to(memory_format=torch.channels_last)
-task = or_exit(
-    ICLTask,
-    model,
-    constraint=args.constraint,
-    constraint_weight=args.constraint_weight,
-    layers=args.layers.split(",") if args.layers else None,
-    distortions=args.distortions,
-    clean_fraction=args.clean_fraction,
-    alpha=args.alpha,
-    margin=args.margin,
-    seed=args.seed + rank,
-)
-task.to(device)
-val_distortions = parse_distortions(args.val_distortions or args.distortions)
+def create_task(args: argparse.Namespace, model: torch.nn.Module, rank: int, device: torch.device) -> ICLTask:
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    task = or_exit(
+        ICLTask,
+        model,
+        constraint=args.constraint,
+        constraint_weight=args.constraint_weight,
+        layers=args.layers.split(",") if args.layers else None,
+        distortions=args.distortions,
+        clean_fraction=args.clean_fraction,
+        alpha=args.alpha,
+        margin=args.margin,
+        seed=args.seed + rank,
+    )
+    return task.to(device)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # optimizer and learning-rate schedule (per optimizer step; not prepared: it must step once per step, not per process)
 # ---------------------------------------------------------------------------------------------------------------------
-params = [p for p in task.trainable_module.parameters() if p.requires_grad]
-if args.opt == "sgd":
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-else:
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-if train_loader.batch_sampler is not None:  # ranks differ by at most one batch; every rank runs the longest
-    batches_per_epoch = math.ceil(math.ceil(train_loader.batch_sampler.num_samples / world) / args.batch_size)
-elif train_info["num_samples"]:
-    batches_per_epoch = math.ceil(math.ceil(train_info["num_samples"] / world) / args.batch_size)
-else:
-    batches_per_epoch = None
-steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps) if batches_per_epoch else None
-total_steps = args.max_steps or (steps_per_epoch * args.epochs if steps_per_epoch else None)
-if total_steps is None and args.sched != "constant":
-    sys.exit("error: the stream's size is unknown: pass --max-steps (or --sched constant)")
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int | None
+    total_steps: int | None
 
 
-def lr_factor(step: int) -> float:
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    if args.sched == "cosine":
-        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if args.sched == "step":
-        return 0.1 ** int(step / max(1, steps_per_epoch or 1) // args.decay_epochs)
-    return 1.0
+def create_optimization(args: argparse.Namespace, task: ICLTask, data: Data, world: int) -> Optimization:
+    params = [p for p in task.trainable_module.parameters() if p.requires_grad]
+    if args.opt == "sgd":
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    loader, num_samples = data.train_loader, data.train_info["num_samples"]
+    if loader.batch_sampler is not None:  # ranks differ by at most one batch; every rank runs the longest
+        batches_per_epoch = math.ceil(math.ceil(loader.batch_sampler.num_samples / world) / args.batch_size)
+    elif num_samples:
+        batches_per_epoch = math.ceil(math.ceil(num_samples / world) / args.batch_size)
+    else:
+        batches_per_epoch = None
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps) if batches_per_epoch else None
+    total_steps = args.max_steps or (steps_per_epoch * args.epochs if steps_per_epoch else None)
+    if total_steps is None and args.sched != "constant":
+        sys.exit("error: the stream's size is unknown: pass --max-steps (or --sched constant)")
 
+    def lr_factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        if args.sched == "cosine":
+            progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if args.sched == "step":
+            return 0.1 ** int(step / max(1, steps_per_epoch or 1) // args.decay_epochs)
+        return 1.0
 
-scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-accelerator.register_for_checkpointing(scheduler)
-student, optimizer = accelerator.prepare(task.trainable_module, optimizer)
-if args.compile:
-    student = torch.compile(student)
-task.trainable_module = student  # the task calls it; hooks go on the unwrapped module (task.get_eval_model())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    return Optimization(optimizer, scheduler, steps_per_epoch, total_steps)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
-# run folder and resume. A checkpoint = accelerate state (student, optimizer, scheduler, RNGs) + per-rank
-# train_state_<rank>.pt (position in the data, distortion sampler), so a resumed run continues bit for bit.
+# the run: everything the loop needs, in one place. A checkpoint = accelerate state (student, optimizer, scheduler,
+# RNGs) + per-rank train_state_<rank>.pt (position in the data, distortion sampler): a resumed run continues bit for
+# bit.
 # ---------------------------------------------------------------------------------------------------------------------
-position = {"epoch": 0, "batch_in_epoch": 0, "step": 0}
-checkpoints = run_dir / "checkpoints"
+@dataclass
+class Run:
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model_name: str
+    init: Path | None
+    data: Data
+    task: ICLTask
+    student: torch.nn.Module  # the prepared (DDP / compiled) student; task.get_eval_model() is the plain one
+    opt: Optimization
+    run_dir: Path
+    position: dict = field(default_factory=lambda: {"epoch": 0, "batch_in_epoch": 0, "step": 0})
+    resumed: bool = False
+    metrics_file: Any = None
+    stop_signal: list = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    def log(self, record: dict) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        if self.args.log_with:
+            step = record.get("step", 0)
+            values = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+            self.accelerator.log(values, step=step)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any process (a collective: every rank must call it)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        device = self.accelerator.device
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0)
 
 
-def latest_checkpoint() -> Path | None:
+def latest_checkpoint(checkpoints: Path) -> Path | None:
     found = sorted(checkpoints.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
     return found[-1] if found else None
 
 
-resumed = False
-if args.resume:
-    ckpt = latest_checkpoint() if args.resume == "latest" else Path(args.resume)
-    if ckpt is None:
-        say(f"--resume latest: no checkpoint under {checkpoints}, starting from scratch")
-    elif not (ckpt / f"train_state_{rank}.pt").exists():
-        sys.exit(f"error: {ckpt} is not a checkpoint of this recipe with {world} process(es)")
-    else:
-        accelerator.load_state(str(ckpt))
-        state = torch.load(ckpt / f"train_state_{rank}.pt", weights_only=False)
-        position = state["position"]
-        task.sampler.load_state_dict(state["sampler"])
-        train_loader.num_skipped = state["num_skipped"]
-        accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
-        say(f"resumed from {ckpt} at epoch {position['epoch']}, step {position['step']}")
-        resumed = True
-if not resumed and latest_checkpoint() is not None:
-    # A fresh run in a used folder (e.g. the demo run twice): number new checkpoints after the old ones, which
-    # rotation then removes; metrics.jsonl starts over.
-    accelerator.project_configuration.iteration = int(latest_checkpoint().name.split("_")[-1]) + 1
-    say(f"{run_dir} holds checkpoints of an earlier run: starting fresh (pass --resume latest to continue it)")
-
-resolved = {k: v for k, v in vars(args).items()}
-resolved.update(model_name=model_name, image_size=image_size, num_classes=model.num_classes, world_size=world)
-run_dir.mkdir(parents=True, exist_ok=True)  # on every rank: each may write its own files into it
-if is_main:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-if args.log_with:
-    accelerator.init_trackers(run_dir.name, config={k: v for k, v in resolved.items() if v is not None})
-metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w") if is_main else None  # noqa: SIM115 (open for the whole run)
-
-
-def log(record: dict) -> None:
-    if metrics_file is not None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-    if args.log_with:
-        step = record.get("step", 0)
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}, step=step)
-
-
-def save_checkpoint() -> Path:
-    out = Path(accelerator.save_state())
-    state = {"position": dict(position), "sampler": task.sampler.state_dict(), "num_skipped": train_loader.num_skipped}
-    torch.save(state, out / f"train_state_{rank}.pt")
-    accelerator.wait_for_everyone()
+def save_checkpoint(run: Run) -> Path:
+    out = Path(run.accelerator.save_state())
+    state = {
+        "position": dict(run.position),
+        "sampler": run.task.sampler.state_dict(),
+        "num_skipped": run.data.train_loader.num_skipped,
+    }
+    torch.save(state, out / f"train_state_{run.accelerator.process_index}.pt")
+    run.accelerator.wait_for_everyone()
     return out
 
 
-# Preemption: SIGTERM / SIGUSR1 only set a flag; the loop checkpoints at the next optimizer step and exits cleanly.
-stop_signal: list[int] = []
-for sig in (signal.SIGTERM, signal.SIGUSR1):
-    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+def resume(run: Run) -> None:
+    """``--resume latest|PATH``: load the checkpoint's state into the run (or say why it starts fresh)."""
+    args, accelerator, rank = run.args, run.accelerator, run.accelerator.process_index
+    if args.resume:
+        ckpt = latest_checkpoint(run.checkpoints) if args.resume == "latest" else Path(args.resume)
+        if ckpt is None:
+            run.say(f"--resume latest: no checkpoint under {run.checkpoints}, starting from scratch")
+        elif not (ckpt / f"train_state_{rank}.pt").exists():
+            sys.exit(f"error: {ckpt} is not a checkpoint of this recipe with {accelerator.num_processes} process(es)")
+        else:
+            accelerator.load_state(str(ckpt))
+            state = torch.load(ckpt / f"train_state_{rank}.pt", weights_only=False)
+            run.position = state["position"]
+            run.task.sampler.load_state_dict(state["sampler"])
+            run.data.train_loader.num_skipped = state["num_skipped"]
+            accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
+            run.say(f"resumed from {ckpt} at epoch {run.position['epoch']}, step {run.position['step']}")
+            run.resumed = True
+    latest = latest_checkpoint(run.checkpoints)
+    if not run.resumed and latest is not None:
+        # A fresh run in a used folder (e.g. the demo run twice): number new checkpoints after the old ones, which
+        # rotation then removes; metrics.jsonl starts over.
+        accelerator.project_configuration.iteration = int(latest.name.split("_")[-1]) + 1
+        run.say(f"{run.run_dir} holds checkpoints of an earlier run: starting fresh (pass --resume latest to continue)")
 
 
-def any_rank(flag: bool) -> bool:
-    if world == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0)
+def open_run_folder(run: Run, image_size: int) -> None:
+    """config.yaml (the resolved settings), trackers, metrics.jsonl (appended to when resuming)."""
+    args = run.args
+    resolved = dict(vars(args))
+    resolved.update(
+        model_name=run.model_name,
+        image_size=image_size,
+        num_classes=run.task.get_eval_model().num_classes,
+        world_size=run.accelerator.num_processes,
+    )
+    run.run_dir.mkdir(parents=True, exist_ok=True)  # on every rank: each may write its own files into it
+    if run.is_main:
+        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if args.log_with:
+        run.accelerator.init_trackers(run.run_dir.name, config={k: v for k, v in resolved.items() if v is not None})
+    if run.is_main:
+        run.metrics_file = open(run.run_dir / "metrics.jsonl", "a" if run.resumed else "w")  # noqa: SIM115
 
 
-def lockstep(loader):
+def install_signal_handlers(run: Run) -> None:
+    """Preemption: SIGTERM / SIGUSR1 only set a flag; the loop checkpoints at the next optimizer step and exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: run.stop_signal.append(signum))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# validation and the loop
+# ---------------------------------------------------------------------------------------------------------------------
+def validate(run: Run, epoch: int) -> dict | None:
+    """Robustness of the current student on the validation split (every rank its shard, exact counts)."""
+    if run.data.val_loader is None:
+        return None
+    accelerator = run.accelerator
+    results = evaluate_robustness(
+        run.task.get_eval_model(),
+        run.data.val_loader,
+        parse_distortions(run.args.val_distortions or run.args.distortions),
+        seed=run.args.seed,
+        device=accelerator.device,
+        accelerator=accelerator if accelerator.num_processes > 1 else None,
+        per_image=False,
+        progress=False,
+    )
+    run.task.train()
+    summary = results["summary"]
+    run.say(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None))
+    record = {"epoch": epoch, "step": run.position["step"], **{f"val/{k}": v for k, v in summary.items()}}
+    record.update({f"val/{name}": c["top1"] for name, c in results["conditions"].items()})
+    run.log(record)
+    if run.is_main:
+        (run.run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def lockstep(run: Run, loader):
     """Yield ``(batch, weight, is_last)`` until every rank is out of data. Ranks can hold one batch less than
     others (exactly-once sharding); such a rank replays its last batch with weight 0 so DDP's collectives match."""
     iterator, last = iter(loader), None
 
     def pull():
         batch = next(iterator, None)
-        return batch, any_rank(batch is not None)
+        return batch, run.any_rank(batch is not None)
 
     batch, alive = pull()
     while alive:
@@ -369,130 +479,117 @@ def lockstep(loader):
         batch, alive = following, alive_next
 
 
-def validate(epoch: int) -> dict | None:
-    if val_loader is None:
-        return None
-    results = evaluate_robustness(
-        task.get_eval_model(),
-        val_loader,
-        val_distortions,
-        seed=args.seed,
-        device=device,
-        accelerator=accelerator if world > 1 else None,
-        per_image=False,
-        progress=False,
-    )
+def train(run: Run) -> tuple[dict | None, bool]:
+    """The loop, from ``run.position`` to the end. Returns ``(last validation results, stopped_by_signal)``."""
+    args, accelerator, task, student = run.args, run.accelerator, run.task, run.student
+    optimizer, scheduler, steps_per_epoch = run.opt.optimizer, run.opt.scheduler, run.opt.steps_per_epoch
+    train_loader, position, device = run.data.train_loader, run.position, accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
     task.train()
-    summary = results["summary"]
-    say(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None))
-    record = {"epoch": epoch, "step": position["step"], **{f"val/{k}": v for k, v in summary.items()}}
-    record.update({f"val/{name}": c["top1"] for name, c in results["conditions"].items()})
-    log(record)
-    if is_main:
-        (run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
-    return results
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------------------------------------
-say(
-    f"{model_name}: {sum(p.numel() for p in params) / 1e6:.2f}M params, constraint {args.constraint} "
-    f"(lambda {task.constraint_weight}), layers {task.layers}, {world} process(es), "
-    f"{train_info['num_samples']} training samples, {steps_per_epoch} steps/epoch"
-)
-task.train()
-results = None
-stopped = False
-labels_file = open(run_dir / f"labels_rank{rank}.jsonl", "a" if resumed else "w") if args.log_labels else None  # noqa: SIM115
-for epoch in range(position["epoch"], args.epochs):
-    if args.max_steps is not None and position["step"] >= args.max_steps:
-        break
-    train_loader.set_epoch(epoch)
-    skip = position["batch_in_epoch"]
-    if skip and train_loader.batch_sampler is not None:
-        train_loader.batch_sampler.skip_batches(skip)  # map-style: resume at the exact batch
-    elif skip:
-        say(f"streamed data: skipping {skip} batches to resume (the shuffle buffer is not restored)")
-    bar = tqdm(total=steps_per_epoch, initial=skip // args.grad_accum_steps, disable=not is_main, desc=f"epoch {epoch}")
-    seen_labels: list[int] = []
-    tic, images_done = time.perf_counter(), 0
-    micro = 0
-    batches = lockstep(train_loader)
-    if skip and train_loader.batch_sampler is None:
-        for _ in zip(range(skip), batches, strict=False):
-            pass
-    for (images, labels), weight, is_last in batches:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if weight > 0:
-            seen_labels += labels.tolist() if args.log_labels else []
-            images_done += len(labels)
-        micro += 1
-        sync = micro == args.grad_accum_steps or is_last
-        # no_sync: skip DDP's all-reduce on micro-batches that do not end an optimizer step
-        with accelerator.no_sync(student) if not sync else contextlib.nullcontext():
-            with accelerator.autocast():
-                out = task(images, labels)
-            accelerator.backward(out["loss"] * (weight / args.grad_accum_steps))
-        position["batch_in_epoch"] += 1
-        if not sync:
-            continue
-        micro = 0
-        if args.clip_grad:
-            accelerator.clip_grad_norm_(student.parameters(), args.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        position["step"] += 1
-        bar.update(1)
-
-        if position["step"] % args.log_every == 0 or is_last:
-            parts = torch.stack([out[k].detach().float() for k in ("loss", "task_loss", "constraint_loss")])
-            loss, task_loss, constraint_loss = accelerator.reduce(parts, "mean").tolist()
-            rate = images_done * world / (time.perf_counter() - tic)
-            lr = scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{loss:.4f}", ce=f"{task_loss:.4f}", icl=f"{constraint_loss:.4f}", lr=f"{lr:.2e}")
-            record = {"step": position["step"], "epoch": epoch, "loss": loss, "task_loss": task_loss}
-            record.update(constraint_loss=constraint_loss, lr=lr, images_per_s=rate, skipped=train_loader.num_skipped)
-            log(record)
-
-        if args.stop_after_steps is not None and position["step"] == args.stop_after_steps:
-            os.kill(os.getpid(), signal.SIGTERM)  # the same path as a cluster's preemption signal
-        if any_rank(bool(stop_signal)):
-            path = save_checkpoint()
-            say(f"stopped by signal at step {position['step']}: checkpoint {path}; rerun with --resume latest")
-            stopped = True
-            break
-        if args.checkpoint_every_steps and position["step"] % args.checkpoint_every_steps == 0:
-            save_checkpoint()
+    results = None
+    stopped = False
+    labels_file = None
+    if args.log_labels:
+        labels_file = open(run.run_dir / f"labels_rank{rank}.jsonl", "a" if run.resumed else "w")  # noqa: SIM115
+    for epoch in range(position["epoch"], args.epochs):
         if args.max_steps is not None and position["step"] >= args.max_steps:
             break
-    bar.close()
-    if stopped:
-        break
+        train_loader.set_epoch(epoch)
+        skip = position["batch_in_epoch"]
+        if skip and train_loader.batch_sampler is not None:
+            train_loader.batch_sampler.skip_batches(skip)  # map-style: resume at the exact batch
+        elif skip:
+            run.say(f"streamed data: skipping {skip} batches to resume (the shuffle buffer is not restored)")
+        bar = tqdm(
+            total=steps_per_epoch, initial=skip // args.grad_accum_steps, disable=not run.is_main, desc=f"epoch {epoch}"
+        )
+        seen_labels: list[int] = []
+        tic, images_done = time.perf_counter(), 0
+        micro = 0
+        batches = lockstep(run, train_loader)
+        if skip and train_loader.batch_sampler is None:
+            for _ in zip(range(skip), batches, strict=False):
+                pass
+        for (images, labels), weight, is_last in batches:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if weight > 0:
+                seen_labels += labels.tolist() if args.log_labels else []
+                images_done += len(labels)
+            micro += 1
+            sync = micro == args.grad_accum_steps or is_last
+            # no_sync: skip DDP's all-reduce on micro-batches that do not end an optimizer step
+            with accelerator.no_sync(student) if not sync else contextlib.nullcontext():
+                with accelerator.autocast():
+                    out = task(images, labels)
+                accelerator.backward(out["loss"] * (weight / args.grad_accum_steps))
+            position["batch_in_epoch"] += 1
+            if not sync:
+                continue
+            micro = 0
+            if args.clip_grad:
+                accelerator.clip_grad_norm_(student.parameters(), args.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position["step"] += 1
+            bar.update(1)
+
+            if position["step"] % args.log_every == 0 or is_last:
+                parts = torch.stack([out[k].detach().float() for k in ("loss", "task_loss", "constraint_loss")])
+                loss, task_loss, constraint_loss = accelerator.reduce(parts, "mean").tolist()
+                rate = images_done * world / (time.perf_counter() - tic)
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss:.4f}", ce=f"{task_loss:.4f}", icl=f"{constraint_loss:.4f}", lr=f"{lr:.2e}")
+                record = {"step": position["step"], "epoch": epoch, "loss": loss, "task_loss": task_loss}
+                record.update(constraint_loss=constraint_loss, lr=lr, images_per_s=rate)
+                record.update(skipped=train_loader.num_skipped)
+                run.log(record)
+
+            if args.stop_after_steps is not None and position["step"] == args.stop_after_steps:
+                os.kill(os.getpid(), signal.SIGTERM)  # the same path as a cluster's preemption signal
+            if run.any_rank(bool(run.stop_signal)):
+                path = save_checkpoint(run)
+                run.say(f"stopped by signal at step {position['step']}: checkpoint {path}; rerun with --resume latest")
+                stopped = True
+                break
+            if args.checkpoint_every_steps and position["step"] % args.checkpoint_every_steps == 0:
+                save_checkpoint(run)
+            if args.max_steps is not None and position["step"] >= args.max_steps:
+                break
+        bar.close()
+        if stopped:
+            break
+        if labels_file is not None:
+            labels_file.write(json.dumps({"epoch": epoch, "labels": seen_labels}) + "\n")
+            labels_file.flush()
+        skipped = int(accelerator.reduce(torch.tensor([train_loader.num_skipped], device=device), "sum").item())
+        if skipped:
+            run.say(f"epoch {epoch}: {skipped} undecodable training image(s) skipped so far (see the warnings)")
+        position.update(epoch=epoch + 1, batch_in_epoch=0)
+        results = validate(run, epoch)
+        if args.checkpoint_every_epochs and (epoch + 1) % args.checkpoint_every_epochs == 0:
+            save_checkpoint(run)
     if labels_file is not None:
-        labels_file.write(json.dumps({"epoch": epoch, "labels": seen_labels}) + "\n")
-        labels_file.flush()
-    skipped = int(accelerator.reduce(torch.tensor([train_loader.num_skipped], device=device), "sum").item())
-    if skipped:
-        say(f"epoch {epoch}: {skipped} undecodable training image(s) skipped so far (see the warnings)")
-    position.update(epoch=epoch + 1, batch_in_epoch=0)
-    results = validate(epoch)
-    if args.checkpoint_every_epochs and (epoch + 1) % args.checkpoint_every_epochs == 0:
-        save_checkpoint()
+        labels_file.close()
+    return results, stopped
+
 
 # ---------------------------------------------------------------------------------------------------------------------
-# export: the student as a timm folder (safetensors, config.json with the "icl" block, model card)
+# export: the student as a timm folder (safetensors, config.json with the "icl" block, model card), then the Hub
 # ---------------------------------------------------------------------------------------------------------------------
-if not stopped:
-    if results is None and val_loader is not None and position["step"] > 0:
-        results = validate(position["epoch"])
-    if is_main:
+def export(run: Run, results: dict | None) -> Path | None:
+    """Write RUN/model on the main process (and push it with ``--push-to-hub``); returns the folder there."""
+    args, task = run.args, run.task
+    if results is None and run.data.val_loader is not None and run.position["step"] > 0:
+        results = validate(run, run.position["epoch"])
+    exported = None
+    if run.is_main:
         from timm_icl.hub import export_model
 
+        init = run.init
         icl_config = {
             "method": args.constraint,
             "lambda": task.constraint_weight,
@@ -502,28 +599,75 @@ if not stopped:
             "clean_fraction": args.clean_fraction,
             "reference_model": str(init) if init is not None else (args.model if args.pretrained else None),
             "epochs": args.epochs,
-            "steps": position["step"],
+            "steps": run.position["step"],
             "lr": args.lr,
-            "batch_size": args.batch_size * world * args.grad_accum_steps,
+            "batch_size": args.batch_size * run.accelerator.num_processes * args.grad_accum_steps,
         }
         exported = export_model(
             task.get_eval_model(),
-            run_dir / "model",
+            run.run_dir / "model",
             icl_config=icl_config,
             results=results,
-            model_name=run_dir.name,
+            model_name=run.run_dir.name,
             dataset=args.dataset,
             base_model=args.model if args.pretrained and init is None else None,
-            label_names=train_info.get("class_names"),
+            label_names=run.data.train_info.get("class_names"),
         )
-        say(f"model exported to {exported} (timm.create_model('local-dir:{exported}', pretrained=True))")
+        run.say(f"model exported to {exported} (timm.create_model('local-dir:{exported}', pretrained=True))")
         if args.push_to_hub:
             from timm_icl.hub import push_to_hub
 
-            say(f"pushed to {push_to_hub(exported, args.push_to_hub)}")
-    accelerator.wait_for_everyone()
-if metrics_file is not None:
-    metrics_file.close()
-if labels_file is not None:
-    labels_file.close()
-accelerator.end_training()
+            run.say(f"pushed to {push_to_hub(exported, args.push_to_hub)}")
+    run.accelerator.wait_for_everyone()
+    return exported
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main: the steps above in order
+# ---------------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_settings(argv)
+    if args.dry_run:
+        print(yaml.safe_dump(vars(args), sort_keys=False), end="")
+        return 0
+    accelerator = create_accelerator(args)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def say(message: str) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(message)
+
+    model, model_name, init = create_model(args)
+    data = create_data(args, model, rank, world)
+    fit_head(args, model, data.train_info["num_classes"], say)
+    task = create_task(args, model, rank, accelerator.device)
+    opt = create_optimization(args, task, data, world)
+    accelerator.register_for_checkpointing(opt.scheduler)
+    student, opt.optimizer = accelerator.prepare(task.trainable_module, opt.optimizer)
+    if args.compile:
+        student = torch.compile(student)
+    task.trainable_module = student  # the task calls it; hooks go on the unwrapped module (task.get_eval_model())
+
+    run = Run(args, accelerator, model_name, init, data, task, student, opt, Path(args.output_dir))
+    resume(run)
+    open_run_folder(run, data.image_size)
+    install_signal_handlers(run)
+    num_params = sum(p.numel() for p in task.trainable_module.parameters() if p.requires_grad)
+    say(
+        f"{model_name}: {num_params / 1e6:.2f}M params, constraint {args.constraint} "
+        f"(lambda {task.constraint_weight}), layers {task.layers}, {world} process(es), "
+        f"{data.train_info['num_samples']} training samples, {opt.steps_per_epoch} steps/epoch"
+    )
+    try:
+        results, stopped = train(run)
+        if not stopped:
+            export(run, results)
+    finally:
+        if run.metrics_file is not None:
+            run.metrics_file.close()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
