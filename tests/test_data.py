@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from timm_icl import _fashion_mnist
-from timm_icl.data import ShardedBatchSampler, create_dataset, create_loader, decode_image, resize_center_crop
+from timm_icl.data import ShardedBatchSampler, create_dataset, create_loader, decode_image
 
 HAS_FMNIST = _fashion_mnist.local_files_available("test")
 
@@ -45,22 +45,40 @@ def make_parquet(folder, n=10, size=12, bad=(), grey=(), num_classes=None, seed=
 
 def test_decode_modes_to_rgb():
     grey = decode_image(_png(np.full((5, 7), 51, np.uint8), "L"))
-    assert grey.shape == (3, 5, 7) and torch.allclose(grey, torch.full_like(grey, 0.2))
+    assert grey.dtype == torch.uint8 and grey.shape == (3, 5, 7) and torch.equal(grey, torch.full_like(grey, 51))
     rgba = decode_image(_png(np.zeros((4, 4, 4), np.uint8) + np.array([255, 0, 0, 0], np.uint8), "RGBA"))
-    assert rgba.shape == (3, 4, 4) and rgba[0].min() == 1.0 and rgba[1].max() == 0.0
+    assert rgba.shape == (3, 4, 4) and rgba[0].min() == 255 and rgba[1].max() == 0
     palette = Image.new("P", (3, 3), 1)
     palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
     rgb = decode_image(palette)
-    assert rgb.shape == (3, 3, 3) and rgb[1].min() == 1.0 and rgb[0].max() == 0.0
+    assert rgb.shape == (3, 3, 3) and rgb[1].min() == 255 and rgb[0].max() == 0
 
 
-def test_resize_center_crop_shapes_and_range():
-    image = torch.rand(3, 40, 60)
-    out = resize_center_crop(image, (32, 32))
-    assert out.shape == (3, 32, 32) and 0 <= out.min() and out.max() <= 1
-    assert resize_center_crop(image, (40, 60)) is image
-    out = resize_center_crop(image, (28, 28), crop_pct=0.875)
-    assert out.shape == (3, 28, 28)
+def test_sixteen_bit_png_keeps_its_values():
+    values = np.array([[0, 257, 4096], [32768, 65535, 1000]], np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")  # a 16-bit greyscale PNG (PIL mode I;16)
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    image = decode_image(buf.getvalue())
+    expected = torch.tensor([[0, 1, 16], [128, 255, 4]], dtype=torch.uint8)  # round(v / 257)
+    assert image.shape == (3, 2, 3) and torch.equal(image[0], expected) and torch.equal(image[2], expected)
+
+
+def test_thin_strip_and_bad_files_skipped_and_counted(tmp_path):
+    import datasets
+
+    strip = io.BytesIO()
+    Image.fromarray(np.full((1, 20000, 3), 9, np.uint8)).save(strip, format="PNG")  # 1 x 20000 px
+    ok = _png(np.full((10, 10, 3), 7, np.uint8))
+    cells = [{"bytes": ok, "path": None}, {"bytes": strip.getvalue(), "path": "strip.png"}, {"bytes": ok, "path": None}]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    ds = datasets.Dataset.from_dict({"image": cells, "label": [0, 1, 1]}, features=features)
+    (tmp_path / "data").mkdir()
+    ds.to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    loader, _ = create_loader(str(tmp_path), "train", image_size=224, batch_size=3)
+    (images, labels), *rest = list(loader)
+    assert not rest and labels.tolist() == [0, 1] and images.shape == (2, 3, 224, 224) and loader.num_skipped == 1
+    assert images.dtype == torch.uint8 and int(images.max()) == 7
 
 
 def test_parquet_greyscale_and_undecodable(tmp_path):
@@ -71,10 +89,9 @@ def test_parquet_greyscale_and_undecodable(tmp_path):
     labels = torch.cat([b[1] for b in batches]).tolist()
     assert labels == [0, 1, 3, 4, 5]  # the bad one skipped, the rest in order
     images = torch.cat([b[0] for b in batches])
-    assert images.shape == (5, 3, 8, 8) and images.dtype == torch.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.shape == (5, 3, 8, 8) and images.dtype == torch.uint8  # uint8 until the device
     grey = images[2]
-    assert torch.allclose(grey[0], grey[1]) and torch.allclose(grey[0], torch.full_like(grey[0], 30 / 255), atol=1e-3)
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[0], torch.full_like(grey[0], 30))
     assert loader.num_skipped == 1
 
 
@@ -161,10 +178,11 @@ def test_fashion_mnist_local():
     loader, info = create_loader("fashion-mnist", "test", image_size=28, batch_size=16, max_samples=40)
     assert info["num_classes"] == 10 and info["num_samples"] == 40 and info["class_names"][0] == "T-shirt/top"
     images, labels = next(iter(loader))
-    assert images.shape == (16, 3, 28, 28) and torch.equal(images[:, 0], images[:, 2])
-    assert images.max() <= 1 and images.min() >= 0 and images.max() > 0.5
+    assert images.shape == (16, 3, 28, 28) and images.dtype == torch.uint8 and torch.equal(images[:, 0], images[:, 2])
+    raw, _ = _fashion_mnist.load_fashion_mnist("test")
+    assert torch.equal(images[:, 0], torch.from_numpy(raw[:16].copy()))  # 28 px at crop 1.0: the stored pixels
     images32, _ = next(iter(create_loader("fashion-mnist", "test", image_size=32, batch_size=2)[0]))
-    assert images32.shape == (2, 3, 32, 32)
+    assert images32.shape == (2, 3, 32, 32) and images32.dtype == torch.uint8
     seen = []
     for rank in range(2):
         loader, _ = create_loader(
@@ -177,10 +195,10 @@ def test_fashion_mnist_local():
             max_samples=30,
             streaming=True,
         )
-        seen += [int(x) for b in loader for x in b[0][:, 0].sum(dim=(1, 2)).mul(1000).round()]
+        seen += [int(x) for b in loader for x in b[0][:, 0].long().sum(dim=(1, 2))]
     full = [
         int(x)
         for b in create_loader("fashion-mnist", "train", image_size=28, batch_size=30, max_samples=30)[0]
-        for x in b[0][:, 0].sum(dim=(1, 2)).mul(1000).round()
+        for x in b[0][:, 0].long().sum(dim=(1, 2))
     ]
     assert sorted(seen) == sorted(full)

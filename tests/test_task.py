@@ -96,8 +96,33 @@ def test_mse_and_ab_constraints_and_defaults():
 
 def test_rejects_normalised_input_with_clear_message():
     task = ICLTask(_model())
-    with pytest.raises(ValueError, match="un-normalised images in \\[0, 1\\]"):
+    with pytest.raises(ValueError, match="un-normalised images \\(uint8, or float in \\[0, 1\\]"):
         task(torch.randn(2, 3, 28, 28) * 2, torch.zeros(2, dtype=torch.long))
+
+
+def test_empty_batch_is_a_clear_error():
+    task = ICLTask(_model())
+    with pytest.raises(ValueError, match="non-empty batch of images"):
+        task(torch.empty(0, 3, 28, 28), torch.empty(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-empty batch of images"):
+        task(torch.empty(0, 3, 28, 28, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
+
+
+def test_uint8_batches_equal_float_batches():
+    """Loaders yield uint8; the task converts on the device (x / 255) and gives the float path's numbers exactly."""
+    images8 = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    target = torch.randint(0, 10, (4,))
+    model = _model()
+    with torch.no_grad():
+        model.pre_logits.fc1.bias.add_(0.05)
+    outs = []
+    for images in (images8, images8.float() / 255):
+        task = ICLTask(model, constraint="icl", seed=3)
+        outs.append(task(images, target))
+        assert torch.equal(task.normalize(images), task.normalize(images8.float().div(255)))
+        bits = task.reference_targets(images)
+        assert torch.equal(bits["pre_logits.fc1"], task.reference_targets(images8)["pre_logits.fc1"])
+    assert torch.equal(outs[0]["loss"], outs[1]["loss"]) and torch.equal(outs[0]["output"], outs[1]["output"])
 
 
 def test_other_backbone_resnet_with_input_layers():

@@ -1,7 +1,8 @@
-"""Image-classification data for training and evaluation: clean crops in [0, 1], sharded by rank once.
+"""Image-classification data for training and evaluation: clean uint8 crops, sharded by rank once.
 
-Every batch is ``(images [B, 3, H, W] float32 in [0, 1], not normalised, labels [B] int64)``: distortion and
-normalisation happen on the device inside :class:`~timm_icl.task.ICLTask` / the evaluation.
+Every batch is ``(images uint8 [B, 3, H, W], labels [B] int64)``: the crop is timm's own eval view of the model
+(:mod:`timm_icl.preprocess`), and conversion to float, distortion and normalisation happen on the device inside
+:class:`~timm_icl.task.ICLTask` / the evaluation (a quarter of float32's bytes through worker queues and copies).
 
 Sources (``dataset_spec``):
 
@@ -15,26 +16,25 @@ per epoch shared by all ranks, rank ``r`` takes every ``world_size``-th index), 
 ``datasets.distributed.split_dataset_by_node``. Every sample of an epoch is seen exactly once across ranks; ranks
 may end up with one batch less, which the training loop handles.
 
-Images are decoded in the DataLoader workers (``Image(decode=False)``); an image that cannot be decoded is
-skipped, logged and counted (``loader.num_skipped``), never stopping the run.
+Images are decoded in the DataLoader workers (``Image(decode=False)``); an image that cannot be decoded, or an
+absurdly thin strip, is skipped, logged and counted (``loader.num_skipped``), never stopping the run.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from . import _fashion_mnist
+from .preprocess import ImageTransform, _scale_size, open_image, resolve_preprocessing
 
 _logger = logging.getLogger(__name__)
 
@@ -44,94 +44,54 @@ _SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# decoding and resizing (runs in DataLoader workers)
+# decoding and cropping (runs in DataLoader workers): timm's transform, uint8 out
 # ---------------------------------------------------------------------------------------------------------------------
-def _to_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    size = tuple(int(s) for s in image_size)
-    return size[-2:]  # accept (3, H, W) as in timm's input_size
-
-
-def resize_center_crop(image: torch.Tensor, size: tuple[int, int] | None, crop_pct: float = 1.0) -> torch.Tensor:
-    """Resize the shorter side to ``size / crop_pct`` (antialiased bilinear), then center-crop to ``size``.
-
-    Args:
-        image: ``[C, H, W]`` float in [0, 1].
-        size: ``(H, W)`` output, or None to keep the image as is.
-        crop_pct: timm's crop fraction (1.0: resize straight to the crop size).
-
-    Returns:
-        ``[C, size[0], size[1]]`` float in [0, 1].
-    """
-    if size is None or tuple(image.shape[-2:]) == size:
-        return image
-    h, w = image.shape[-2:]
-    scale = max(size[0] / crop_pct / h, size[1] / crop_pct / w)
-    new_h, new_w = max(size[0], round(h * scale)), max(size[1], round(w * scale))
-    if (new_h, new_w) != (h, w):
-        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (new_h - size[0]) // 2, (new_w - size[1]) // 2
-    return image[:, top : top + size[0], left : left + size[1]].clamp_(0.0, 1.0)
-
-
 def decode_image(value: Any) -> torch.Tensor:
-    """Decode an image cell (PIL image, ``{"bytes", "path"}`` dict from ``Image(decode=False)``, raw bytes, array).
-
-    Greyscale, RGBA, CMYK and palette images are converted to RGB (RGBA drops alpha, as timm does).
+    """Decode an image cell (PIL image, ``{"bytes", "path"}`` dict from ``Image(decode=False)``, raw bytes, array)
+    at its stored size, as timm's loaders do (see :func:`timm_icl.preprocess.open_image`).
 
     Returns:
-        ``[3, H, W]`` float32 in [0, 1].
+        ``[3, H, W]`` uint8.
     """
-    from PIL import Image
+    image = open_image(value)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
-    if isinstance(value, torch.Tensor | np.ndarray):
-        array = np.asarray(value)
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
-            array = np.moveaxis(array, 0, -1)
-        tensor = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1)
-        tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
-        return tensor.expand(3, -1, -1).contiguous() if tensor.shape[0] == 1 else tensor
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            value = value["bytes"]
-        elif value.get("path"):
-            value = value["path"]
-        else:
-            raise ValueError("image cell has neither bytes nor path")
-    if isinstance(value, bytes | bytearray):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str | os.PathLike):
-        image = Image.open(value)
-    elif isinstance(value, Image.Image):
-        image = value
-    else:
-        raise TypeError(f"cannot decode an image from {type(value).__name__}")
-    image.load()  # truncated / corrupt files fail here, inside the try of the caller
-    if image.mode != "RGB":
-        if image.mode in ("P", "PA") or "transparency" in image.info:
-            image = image.convert("RGBA")
-        image = image.convert("RGB")
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+def resolve_loader_preprocessing(
+    data_config: Mapping[str, Any] | None = None,
+    *,
+    image_size: int | Sequence[int] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    crop_mode: str | None = None,
+) -> dict[str, Any] | None:
+    """The data config a loader crops with: ``data_config`` (a model's, from
+    :func:`~timm_icl.preprocess.resolve_preprocessing`) with the explicit overrides; without ``data_config``,
+    ``image_size`` with crop fraction 1.0 and bilinear interpolation unless given; None when neither is given
+    (images keep their stored size)."""
+    if data_config is None and image_size is None:
+        if crop_pct is not None or interpolation is not None or crop_mode is not None:
+            raise ValueError("crop_pct / interpolation / crop_mode need image_size or a data_config")
+        return None
+    base = dict(data_config) if data_config is not None else {"crop_pct": 1.0, "interpolation": "bilinear"}
+    return resolve_preprocessing(
+        pretrained_cfg=base, image_size=image_size, crop_pct=crop_pct, interpolation=interpolation, crop_mode=crop_mode
+    )
 
 
 class _Decoder:
-    """Picklable per-sample transform: cell -> ``([3, H, W] in [0, 1], label)`` or None when undecodable."""
+    """Picklable per-sample transform: cell -> ``(uint8 [3, H, W], label)`` or None when unusable."""
 
-    def __init__(self, image_column: str, label_column: str, size: tuple[int, int] | None, crop_pct: float):
-        self.image_column, self.label_column, self.size, self.crop_pct = image_column, label_column, size, crop_pct
+    def __init__(self, image_column: str, label_column: str, transform: ImageTransform | None):
+        self.image_column, self.label_column, self.transform = image_column, label_column, transform
 
     def __call__(self, row: dict, index: Any = None) -> tuple[torch.Tensor, int] | None:
         try:
-            image = resize_center_crop(decode_image(row[self.image_column]), self.size, self.crop_pct)
-        except Exception as e:  # any decoder error: skip the sample, never stop the run
+            cell = row[self.image_column]
+            image = self.transform(cell) if self.transform is not None else decode_image(cell)
+        except Exception as e:  # any decoder error or a thin strip: skip the sample, never stop the run
             where = row[self.image_column].get("path") if isinstance(row[self.image_column], dict) else None
-            _logger.warning("skipping undecodable image %s: %s", where or index, str(e).splitlines()[0][:200])
+            _logger.warning("skipping unusable image %s: %s", where or index, str(e).splitlines()[0][:200])
             return None
         return image, int(row[self.label_column])
 
@@ -140,7 +100,7 @@ def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     good = [s for s in samples if s is not None]
     skipped = len(samples) - len(good)
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), skipped
     images = torch.stack([s[0] for s in good])
     labels = torch.tensor([s[1] for s in good], dtype=torch.long)
     return images, labels, skipped
@@ -150,20 +110,35 @@ def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 # datasets
 # ---------------------------------------------------------------------------------------------------------------------
 class FashionMNISTDataset(Dataset):
-    """Fashion-MNIST held in memory as uint8 (47 MB for train); greyscale repeated to RGB, resized on demand."""
+    """Fashion-MNIST held in memory as uint8 (47 MB for train); greyscale repeated to RGB, cropped on demand.
 
-    def __init__(self, split: str, image_size: int | Sequence[int] | None = None):
+    Args:
+        split: ``"train"`` or ``"test"``.
+        transform: an :class:`~timm_icl.preprocess.ImageTransform` (None: the stored 28 px images). When it would
+            leave a 28 px image unchanged (eval view, 28 px, resize to 28) the PIL round trip is skipped.
+    """
+
+    def __init__(self, split: str, transform: ImageTransform | None = None):
         images, self.labels = _fashion_mnist.load_fashion_mnist(split)
         self.images = torch.from_numpy(images.copy())  # np.frombuffer is read-only
-        self.size = _to_size(image_size)
+        self.transform = transform
         self.class_names = list(_fashion_mnist.CLASS_NAMES)
+        h, w = self.images.shape[-2:]
+        self._identity = transform is None or (
+            transform.training == "eval"
+            and transform.size == (h, w)
+            and transform.config.get("crop_mode", "center") in ("center", "squash", None)
+            and _scale_size(transform.config) == min(h, w)
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index].float().div_(255.0)[None].expand(3, -1, -1)
-        return resize_center_crop(image.contiguous(), self.size), int(self.labels[index])
+        image = self.images[index]
+        if self._identity:  # PIL's resize to the same size is a copy and the crop covers all: same pixels
+            return image[None].expand(3, -1, -1).contiguous(), int(self.labels[index])
+        return self.transform(image.numpy()), int(self.labels[index])  # type: ignore[misc]
 
 
 class HFImageDataset(Dataset):
@@ -255,10 +230,15 @@ def create_dataset(
     label_column: str | None = None,
     streaming: bool | None = None,
     image_size: int | Sequence[int] | None = None,
-    crop_pct: float = 1.0,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    crop_mode: str | None = None,
+    data_config: Mapping[str, Any] | None = None,
+    train_transform: str = "eval",
+    jpeg_draft: bool = False,
     max_samples: int | None = None,
 ) -> tuple[Dataset | IterableDataset, dict]:
-    """Open an image-classification dataset yielding ``([3, H, W] float in [0, 1], label)`` samples.
+    """Open an image-classification dataset yielding ``(uint8 [3, H, W], label)`` samples.
 
     Args:
         name_or_path: ``"fashion-mnist"``, a local parquet/image folder, or a Hub dataset id.
@@ -266,26 +246,45 @@ def create_dataset(
             validation means test there).
         image_column, label_column: column names (default: detected from the features).
         streaming: stream the data (an ``IterableDataset``); default False (True is better for ImageNet).
-        image_size: output ``H`` (int) or ``(H, W)`` / ``(3, H, W)``; None keeps the stored size.
-        crop_pct: resize the shorter side to ``image_size / crop_pct`` before the center crop.
+        image_size: output ``H`` (int) or ``(H, W)`` / ``(3, H, W)``; None: ``data_config``'s, or the stored size.
+        crop_pct, interpolation, crop_mode: timm's eval view (resize the shorter side to ``floor(size /
+            crop_pct)``, centre crop); None: ``data_config``'s, or 1.0 / bilinear / center without one.
+        data_config: the model's data config (:func:`~timm_icl.preprocess.resolve_preprocessing`): the crop is then
+            exactly timm's ``create_transform(**data_config)`` before ``Normalize``.
+        train_transform: ``"eval"`` (deterministic crop) or ``"timm"`` (timm's random resized crop + flip +
+            colour jitter, without normalisation; for training splits).
+        jpeg_draft: let libjpeg decode JPEGs at a reduced scale that still covers the resize (faster for large
+            photos, not exactly timm's pixels).
         max_samples: keep only the first ``max_samples`` samples (before sharding).
 
     Returns:
-        ``(dataset, info)``: a torch Dataset (samples may be None for undecodable images) and a dict with
+        ``(dataset, info)``: a torch Dataset (samples may be None for unusable images) and a dict with
         ``num_classes``, ``class_names`` (list or None), ``num_samples`` (int or None), ``dataset`` (the spec),
-        ``split``, ``streaming``, ``image_column``, ``label_column``.
+        ``split``, ``streaming``, ``image_column``, ``label_column``, ``data_config`` (what the crops used, None
+        for stored sizes), ``train_transform``.
 
     Example:
         >>> ds, info = create_dataset("fashion-mnist", "test", image_size=28)
-        >>> image, label = ds[0]  # image [3, 28, 28] in [0, 1]
+        >>> image, label = ds[0]  # image uint8 [3, 28, 28]
     """
     split = _SPLIT_ALIASES.get(split, split)
-    size = _to_size(image_size)
-    info: dict[str, Any] = {"dataset": name_or_path, "split": split, "streaming": bool(streaming)}
+    config = resolve_loader_preprocessing(
+        data_config, image_size=image_size, crop_pct=crop_pct, interpolation=interpolation, crop_mode=crop_mode
+    )
+    if config is None and train_transform != "eval":
+        raise ValueError(f"train_transform={train_transform!r} needs an image size or a data_config")
+    transform = ImageTransform(config, training=train_transform, draft=jpeg_draft) if config is not None else None
+    info: dict[str, Any] = {
+        "dataset": name_or_path,
+        "split": split,
+        "streaming": bool(streaming),
+        "data_config": config,
+        "train_transform": train_transform,
+    }
     if name_or_path.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):
         local_split = "test" if split in ("validation", "test") else split
         if _fashion_mnist.local_files_available(local_split):
-            dataset: Any = FashionMNISTDataset(local_split, image_size=size)
+            dataset: Any = FashionMNISTDataset(local_split, transform)
             n = len(dataset)
             if max_samples is not None:
                 dataset = torch.utils.data.Subset(dataset, range(min(max_samples, n)))
@@ -311,7 +310,7 @@ def create_dataset(
     hf = hf.select_columns([image_column, label_column])
     if isinstance(features[image_column], Image):
         hf = hf.cast_column(image_column, Image(decode=False))  # decode in the workers, skip bad files there
-    decoder = _Decoder(image_column, label_column, size, crop_pct)
+    decoder = _Decoder(image_column, label_column, transform)
     label_feature = features[label_column]
     class_names = list(label_feature.names) if isinstance(label_feature, ClassLabel) else None
     num_classes = label_feature.num_classes if isinstance(label_feature, ClassLabel) else None
@@ -468,7 +467,7 @@ def create_loader(
     dataset_spec: str,
     split: str,
     *,
-    image_size: int | Sequence[int],
+    image_size: int | Sequence[int] | None = None,
     batch_size: int,
     num_workers: int = 0,
     shuffle: bool = False,
@@ -480,7 +479,12 @@ def create_loader(
     label_column: str | None = None,
     streaming: bool | None = None,
     drop_last: bool = False,
-    crop_pct: float = 1.0,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    crop_mode: str | None = None,
+    data_config: Mapping[str, Any] | None = None,
+    train_transform: str = "eval",
+    jpeg_draft: bool = False,
     pin_memory: bool = False,
     samples_per_epoch: int | None = None,
 ) -> tuple[ImageLoader, dict]:
@@ -491,7 +495,7 @@ def create_loader(
     Args:
         dataset_spec: ``"fashion-mnist"``, a local parquet/image folder, or a Hub dataset id.
         split: dataset split.
-        image_size: output ``H`` or ``(H, W)`` (or timm's ``(3, H, W)``).
+        image_size: output ``H`` or ``(H, W)`` (or timm's ``(3, H, W)``); None: ``data_config``'s.
         batch_size: per-process batch size.
         num_workers: DataLoader workers (decoding happens there).
         shuffle: reshuffle every epoch (map-style: permutation seeded with ``seed + epoch``; streams: a
@@ -502,13 +506,15 @@ def create_loader(
         image_column, label_column: column names (default: detected).
         streaming: stream (``datasets`` IterableDataset).
         drop_last: drop the last incomplete batch.
-        crop_pct: see :func:`resize_center_crop`.
+        crop_pct, interpolation, crop_mode, data_config, train_transform, jpeg_draft: the crop, see
+            :func:`create_dataset` (pass the model's data config for timm's exact eval view).
         pin_memory: pin batches (CUDA).
         samples_per_epoch: map-style only: each epoch uses N samples of its permutation (a random subset per
             epoch with ``shuffle``), sharded as usual.
 
     Returns:
-        ``(loader, info)``; ``loader`` yields ``(images [B, 3, H, W] float32 in [0, 1], labels [B] int64)``;
+        ``(loader, info)``; ``loader`` yields ``(images uint8 [B, 3, H, W], labels [B] int64)`` (float and
+        normalisation happen on the device: :func:`timm_icl.preprocess.normalize`);
         ``info`` as in :func:`create_dataset` plus ``rank``, ``world_size``.
 
     Example:
@@ -523,6 +529,11 @@ def create_loader(
         streaming=streaming,
         image_size=image_size,
         crop_pct=crop_pct,
+        interpolation=interpolation,
+        crop_mode=crop_mode,
+        data_config=data_config,
+        train_transform=train_transform,
+        jpeg_draft=jpeg_draft,
         max_samples=max_samples,
     )
     generator = torch.Generator().manual_seed(seed)  # keeps the global RNG untouched (exact resume)

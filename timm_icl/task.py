@@ -2,7 +2,7 @@
 
 One call, from clean images to the loss::
 
-    clean [B, 3, H, W] in [0, 1]
+    clean [B, 3, H, W] uint8 (or float in [0, 1]) --> float / 255 on the device
       |-- sampler: one (kind, sigma) per image, on the device --> distorted --> normalise --> student
       |                                                           (hooks capture h_dist; logits)
       `-- normalise --> reference (frozen copy of the student at construction, no autograd,
@@ -29,6 +29,7 @@ from .capture import capture_preactivations, resolve_layers, run_until_captured
 from .conditions import DistortionSampler, DistortionSet
 from .layers import default_layers
 from .losses import DEFAULT_LAMBDA, create_constraint
+from .preprocess import check_unit_range, normalize, to_unit_float
 
 __all__ = ["ICLTask"]
 
@@ -175,12 +176,13 @@ class ICLTask(TrainingTask):
 
     # -- the computation --------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``(images - mean) / std`` with the model's pretrained config; images ``[B, C, H, W]`` in [0, 1]."""
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        """``(images - mean) / std`` with the model's pretrained config (:func:`timm_icl.preprocess.normalize`);
+        images ``[B, C, H, W]`` uint8 (0-255) or float in [0, 1]."""
+        return normalize(images, self.mean, self.std)
 
     @torch.no_grad()
     def reference_targets(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reference targets for clean images ``[B, C, H, W]`` in [0, 1]: ``{layer: bool bits}`` for
+        """Reference targets for clean images ``[B, C, H, W]`` (uint8, or float in [0, 1]): ``{layer: bool bits}`` for
         ICL/AB (one bit per unit is all they use), ``{layer: float32 h_ref}`` for MSE.
 
         The forward stops after the last constrained layer (the head is never run).
@@ -198,16 +200,14 @@ class ICLTask(TrainingTask):
             x = x.contiguous(memory_format=torch.channels_last)
         return run_until_captured(ref, x, self.layers, transform=transform)
 
-    def _check_input_range(self, images: torch.Tensor) -> None:
-        # Once per task: a normalised batch passed by mistake would silently distort the wrong scale.
-        if self._checked_input_range:
+    def _check_input(self, images: torch.Tensor) -> None:
+        # The shape on every call (free); the float range once per task (one device sync): a normalised batch
+        # passed by mistake would silently distort the wrong scale. uint8 batches cannot be out of range.
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise ValueError(f"ICLTask expects a non-empty batch of images [B, C, H, W], got {tuple(images.shape)}")
+        if self._checked_input_range or images.dtype == torch.uint8:
             return
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(
-                f"ICLTask expects clean, un-normalised images in [0, 1] (it distorts, then normalises itself); "
-                f"got values in [{lo:.3f}, {hi:.3f}]. Remove the Normalize step from the data pipeline."
-            )
+        check_unit_range(images, "ICLTask")
         self._checked_input_range = True
 
     def forward(
@@ -219,7 +219,8 @@ class ICLTask(TrainingTask):
         """One training forward.
 
         Args:
-            input: clean images ``[B, C, H, W]`` in [0, 1] (not normalised).
+            input: clean images ``[B, C, H, W]``, uint8 (0-255, as the loaders yield them) or float in [0, 1]
+                (not normalised); converted to float on their device.
             target: class indices ``[B]``.
             reference_targets: precomputed ``{layer: bits}`` (e.g. from a target cache); skips the reference.
 
@@ -227,7 +228,8 @@ class ICLTask(TrainingTask):
             dict with ``loss`` (scalar), ``output`` (logits ``[B, num_classes]``), ``task_loss`` (CE on the
             distorted images) and ``constraint_loss`` (float32, unweighted; 0 for plain fine-tuning).
         """
-        self._check_input_range(input)
+        self._check_input(input)
+        input = to_unit_float(input)
         distorted, _ = self.sampler(input)
         if self.constraint is not None and reference_targets is None:
             reference_targets = self.reference_targets(input)
