@@ -7,8 +7,12 @@ Public API (see the README for a tour):
 - capture: :func:`capture_preactivations`, :func:`default_layers`, :func:`candidate_layers`
 - losses: :func:`icl_loss`, :func:`mse_constraint_loss`, :func:`activation_boundary_loss` and module forms
 - task: :class:`ICLTask` (a ``timm.task.TrainingTask``)
-- evaluation: :func:`evaluate_robustness`, :func:`format_table`, :func:`plot_accuracy_vs_sigma`
+- evaluation: :func:`evaluate_robustness`
+- results: :func:`save_results`, :func:`load_results`, :func:`format_table`, :func:`format_comparison`,
+  :func:`plot_accuracy_vs_sigma`, :func:`mcnemar_test`, :func:`paired_z_test`, :func:`wilson_interval`
 - hub: :func:`export_model`, :func:`push_to_hub`
+- preprocessing: :func:`resolve_preprocessing`, :class:`ImageTransform`, :func:`preprocess_image`, :func:`normalize`
+  (timm's eval crop in uint8 on the host, float + normalisation on the device)
 - models: ``vgg_tiny`` / ``vgg_small`` registered with timm on import
 """
 
@@ -32,7 +36,7 @@ from .distortions import (
     gaussian_noise,
     paper_kernel_size,
 )
-from .evaluate import evaluate_robustness, format_table, plot_accuracy_vs_sigma
+from .evaluate import evaluate_robustness
 from .hub import export_model, push_to_hub
 from .layers import LAYER_PRESETS, candidate_layers, default_layers
 from .losses import (
@@ -45,6 +49,19 @@ from .losses import (
     create_constraint,
     icl_loss,
     mse_constraint_loss,
+)
+from .preprocess import ImageTransform, normalize, preprocess_image, resolve_preprocessing
+from .results import (
+    format_comparison,
+    format_table,
+    group_correctness,
+    load_results,
+    mcnemar_test,
+    mean_interval,
+    paired_z_test,
+    plot_accuracy_vs_sigma,
+    save_results,
+    wilson_interval,
 )
 from .target_cache import StaleCacheError, TargetCache
 from .task import ICLTask
@@ -86,7 +103,19 @@ __all__ = [
     "StaleCacheError",
     "evaluate_robustness",
     "format_table",
+    "format_comparison",
     "plot_accuracy_vs_sigma",
+    "save_results",
+    "load_results",
+    "group_correctness",
+    "wilson_interval",
+    "mean_interval",
+    "mcnemar_test",
+    "paired_z_test",
     "export_model",
     "push_to_hub",
+    "resolve_preprocessing",
+    "ImageTransform",
+    "preprocess_image",
+    "normalize",
 ]

@@ -74,7 +74,8 @@ def _create_model(model: str, *, pretrained: bool, num_classes: int | None = Non
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import evaluate_robustness, format_table, plot_accuracy_vs_sigma, save_results
+    from .evaluate import evaluate_robustness
+    from .results import format_table, plot_accuracy_vs_sigma, save_results
 
     try:
         from .data import create_loader
@@ -239,8 +240,7 @@ def _cmd_distort(args: argparse.Namespace) -> int:
 # compare
 # ---------------------------------------------------------------------------------------------------------------------
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .evaluate import format_table, load_results, plot_accuracy_vs_sigma
-    from .report import format_comparison
+    from .results import format_comparison, format_table, load_results, plot_accuracy_vs_sigma
 
     results: dict[str, dict] = {}
     for spec in args.results:

@@ -12,15 +12,13 @@ rank`` and counts are reduced as exact integer sums.
 
 Example:
     >>> results = evaluate_robustness(model, loader, "paper")          # doctest: +SKIP
-    >>> print(format_table({"ICL": results}))                           # doctest: +SKIP
+    >>> print(timm_icl.results.format_table({"ICL": results}))          # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,16 +26,13 @@ from torch import nn
 
 from .conditions import Distortion, DistortionSet, parse_distortions
 from .distortions import gaussian_noise
+from .results import summarize
 
 __all__ = [
     "evaluate_robustness",
     "noise_seed",
     "distort",
     "resolve_mean_std",
-    "format_table",
-    "plot_accuracy_vs_sigma",
-    "save_results",
-    "load_results",
 ]
 
 
@@ -259,144 +254,3 @@ def evaluate_robustness(
     results["seed"] = int(seed)
     results["num_samples"] = total
     return results
-
-
-def summarize(conditions: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
-    """``{"clean", "noise", "blur"}`` top-1: clean, and the mean over each kind's sigmas (``None`` if absent)."""
-    summary: dict[str, float | None] = {"clean": None, "noise": None, "blur": None}
-    for kind in summary:
-        values = [c["top1"] for c in conditions.values() if c["kind"] == kind]
-        summary[kind] = sum(values) / len(values) if values else None
-    return summary
-
-
-def save_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Write results as JSON (sorted keys, so identical results give identical files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    return path
-
-
-def load_results(path: str | Path) -> dict:
-    """Read a results JSON written by :func:`save_results` (or ``timm-icl eval``); clear error otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"no results file at {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if "eval" in data and "conditions" not in data:
-        data = data["eval"]
-    if not isinstance(data, dict) or "conditions" not in data:
-        raise ValueError(f"{path} is not an evaluation result (no 'conditions' key)")
-    return data
-
-
-def _column_order(results_by_name: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    names: list[str] = []
-    for res in results_by_name.values():
-        for name, c in res["conditions"].items():
-            if c["kind"] != "clean" and name not in names:
-                names.append(name)
-    kinds = {"noise": 0, "blur": 1}
-
-    def key(name: str):
-        for res in results_by_name.values():
-            if name in res["conditions"]:
-                c = res["conditions"][name]
-                return kinds.get(c["kind"], 2), c["sigma"]
-        return 3, 0
-
-    return sorted(names, key=key)
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def format_table(results_by_name: Mapping[str, Mapping[str, Any]], *, metric: str = "top1", digits: int = 4) -> str:
-    """Markdown table in the paper's layout: method | clean | noise mean | blur mean | each sigma.
-
-    Args:
-        results_by_name: ``{method name: evaluate_robustness(...) result}``.
-        metric: ``"top1"`` (the paper's) or ``"top5"``; the means are over the same metric.
-        digits: decimals (the paper prints 4: 0.6744).
-    """
-    if not results_by_name:
-        raise ValueError("format_table needs at least one result")
-    columns = _column_order(results_by_name)
-    header = ["method", "clean", "noise mean", "blur mean"] + columns
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
-    for method, res in results_by_name.items():
-        conds = res["conditions"]
-
-        def value(name: str, conds=conds) -> float | None:
-            return conds[name].get(metric) if name in conds else None
-
-        means = []
-        for kind in ("noise", "blur"):
-            values = [c.get(metric) for c in conds.values() if c["kind"] == kind]
-            means.append(sum(values) / len(values) if values else None)
-        clean = next((c.get(metric) for c in conds.values() if c["kind"] == "clean"), None)
-        cells = [method, _fmt(clean, digits), _fmt(means[0], digits), _fmt(means[1], digits)]
-        cells += [_fmt(value(name), digits) for name in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_accuracy_vs_sigma(
-    results_by_name: Mapping[str, Mapping[str, Any]],
-    path: str | Path,
-    *,
-    metric: str = "top1",
-    title: str | None = None,
-) -> Path:
-    """PNG of accuracy against sigma, one line per model, one panel per kind (noise, blur).
-
-    Each line starts at sigma 0 with the clean accuracy. Uses matplotlib's Agg backend (no display).
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'timm-icl[plot]'") from None
-    if not results_by_name:
-        raise ValueError("plot_accuracy_vs_sigma needs at least one result")
-    kinds = [
-        k
-        for k in ("noise", "blur")
-        if any(c["kind"] == k for r in results_by_name.values() for c in r["conditions"].values())
-    ]
-    kinds = kinds or ["noise"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4), squeeze=False)
-    units = {"noise": "noise sigma (0-255 pixel units)", "blur": "blur sigma (pixels)"}
-    for ax, kind in zip(axes[0], kinds):
-        for method, res in results_by_name.items():
-            conds = res["conditions"]
-            points = sorted((c["sigma"], c[metric]) for c in conds.values() if c["kind"] == kind)
-            clean = next((c[metric] for c in conds.values() if c["kind"] == "clean"), None)
-            if clean is not None:
-                points = [(0.0, clean)] + points
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=method)
-        ax.set_xlabel(units[kind])
-        ax.set_ylabel(f"top-{metric[3:]} accuracy" if metric.startswith("top") else metric)
-        ax.set_title(f"Gaussian {kind}")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .evaluate import format_table, plot_accuracy_vs_sigma
+from .results import canonical_json, format_table, json_safe, plot_accuracy_vs_sigma
 
 __all__ = ["export_model", "push_to_hub", "render_model_card", "HubError", "resolve_model_folder", "TEMPLATE_PATH"]
 
@@ -92,19 +92,6 @@ def _plain_model(model: nn.Module) -> nn.Module:
         while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
             model = getattr(model, attr)
     return model
-
-
-def _json_safe(value: Any) -> Any:
-    """Make a config value JSON-serialisable (tuples -> lists, DistortionSet -> text, others -> str)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if hasattr(value, "to_text"):
-        return value.to_text()
-    return str(value)
 
 
 def _strip_per_image(results: Mapping[str, Any]) -> dict:
@@ -171,7 +158,7 @@ def export_model(
     # transformers' TimmWrapper passes num_classes itself and then fails with "got multiple values for keyword
     # argument 'num_classes'" when model_args repeats it; timm reads the top-level num_classes anyway.
     config.get("model_args", {}).pop("num_classes", None)
-    icl = dict(_json_safe(dict(icl_config or {})))
+    icl = dict(json_safe(dict(icl_config or {})))
     if "constraint" in icl and "method" not in icl:
         icl["method"] = icl.pop("constraint")
     if "constraint_weight" in icl and "lambda" not in icl:
@@ -185,7 +172,7 @@ def export_model(
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
     if results is not None:
-        (out_dir / RESULTS_NAME).write_text(json.dumps(_strip_per_image(results), indent=1, sort_keys=True) + "\n")
+        (out_dir / RESULTS_NAME).write_text(canonical_json(_strip_per_image(results)))
         try:
             plot_accuracy_vs_sigma({icl["model_name"]: results}, out_dir / PLOT_NAME, title=icl["model_name"])
         except ImportError:
