@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import timm.optim
+import timm.scheduler
 import torch
 import yaml
 from accelerate import Accelerator
@@ -56,8 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="vgg16", help="timm model name (ignored with a local-dir --init-checkpoint)")
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="timm weights")
-    group.add_argument("--init-checkpoint", default=None, help="start from local weights: timm folder / .safetensors")
+    group.add_argument(
+        "--init-checkpoint",
+        "--initial-checkpoint",
+        default=None,
+        help="start from local weights: timm folder / .safetensors",
+    )
     group.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the dataset's)")
+    group.add_argument("--drop", type=float, default=None, help="dropout rate (timm's drop_rate; vgg16: fc6/fc7)")
+    group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (timm's drop_path_rate)")
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist', Hub id, parquet or image folder")
     group.add_argument("--train-split", default="train")
@@ -67,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False, help="stream the dataset")
     group.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
     group.add_argument("--crop-pct", type=float, default=1.0, help="resize to size/crop_pct, then center-crop")
-    group.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (decode images)")
+    group.add_argument(
+        "-j", "--num-workers", "--workers", type=int, default=2, help="DataLoader workers per process (decode images)"
+    )
     group.add_argument("--max-train-samples", type=int, default=None, help="use only the first N training samples")
     group.add_argument("--train-samples-per-epoch", type=int, default=None, help="a random subset of N per epoch")
     group.add_argument("--max-val-samples", type=int, default=None, help="validate on the first N samples")
@@ -82,29 +93,50 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--val-distortions", default=None, help="validation conditions (default: --distortions)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, default=40)
-    group.add_argument("--batch-size", type=int, default=64, help="per process, per micro-batch")
+    group.add_argument("-b", "--batch-size", type=int, default=64, help="per process, per micro-batch")
     group.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    group.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])
+    group.add_argument(
+        "--opt",
+        default="momentum",
+        help="any timm optimizer (timm.optim.list_optimizers()): 'momentum' = SGD with "
+        "momentum, 'sgd' = SGD with Nesterov momentum, 'adamw', 'lamb', ...",
+    )
     group.add_argument("--lr", type=float, default=0.001)
     group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--weight-decay", type=float, default=0.0)
-    group.add_argument("--sched", default="constant", choices=["constant", "cosine", "step"])
-    group.add_argument("--warmup-steps", type=int, default=0)
-    group.add_argument("--decay-epochs", type=float, default=10, help="step schedule: epochs between x0.1 decays")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="not applied to biases and norm layers")
+    group.add_argument(
+        "--sched",
+        default="constant",
+        choices=["constant", "cosine", "step", "tanh", "poly", "wsd"],
+        help="timm schedule, stepped per optimizer step",
+    )
+    group.add_argument("--warmup-epochs", type=float, default=0, help="linear warmup from --warmup-lr (epochs)")
+    group.add_argument("--warmup-steps", type=int, default=0, help="the same in optimizer steps (added to the above)")
+    group.add_argument("--warmup-lr", type=float, default=0.0, help="learning rate at the start of warmup")
+    group.add_argument("--min-lr", type=float, default=0.0, help="cosine / poly / tanh: the final learning rate")
+    group.add_argument("--decay-epochs", type=float, default=10, help="step schedule: epochs between decays")
+    group.add_argument("--decay-rate", type=float, default=0.1, help="step: factor per decay")
+    group.add_argument("--smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
     group.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    group.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (validated, exported)")
+    group.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per optimizer step")
     group.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
     group = parser.add_argument_group("hardware")
     group.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
+    group.add_argument("--amp", action="store_true", help="timm's flag: mixed precision in --amp-dtype")
+    group.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"])
     group.add_argument("--compile", action="store_true", help="torch.compile the student")
     group.add_argument("--channels-last", action="store_true")
     group.add_argument("--seed", type=int, default=0)
     group = parser.add_argument_group("run folder, logging, checkpoints")
-    group.add_argument("--output-dir", default="runs/icl", help="the run folder")
-    group.add_argument("--log-every", type=int, default=10, help="optimizer steps between metric lines")
+    group.add_argument("--output-dir", "--output", default="runs/icl", help="the run folder")
+    group.add_argument(
+        "--log-every", "--log-interval", type=int, default=10, help="optimizer steps between metric lines"
+    )
     group.add_argument("--log-with", default=None, help="accelerate trackers, e.g. 'tensorboard' or 'wandb'")
     group.add_argument("--checkpoint-every-steps", type=int, default=0, help="0: only per epoch")
     group.add_argument("--checkpoint-every-epochs", type=int, default=1, help="0: never per epoch")
-    group.add_argument("--keep-checkpoints", type=int, default=3, help="rotation: newest N kept")
+    group.add_argument("--keep-checkpoints", "--checkpoint-hist", type=int, default=3, help="rotation: newest N kept")
     group.add_argument("--resume", default=None, help="'latest' (of --output-dir) or a checkpoint folder")
     group.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the exported model")
     group.add_argument("--stop-after-steps", type=int, default=None, help="testing: SIGTERM ourselves at this step")
@@ -134,6 +166,10 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     args.config = config_args.config
     if args.constraint == "none":  # plain fine-tuning: lambda 0, whatever a shared config says
         args.constraint_weight = 0.0
+    if args.amp and args.mixed_precision in (None, "no"):  # timm's --amp / --amp-dtype spelled accelerate's way
+        args.mixed_precision = {"bfloat16": "bf16", "float16": "fp16"}[args.amp_dtype]
+    if args.opt.lower() not in timm.optim.list_optimizers():
+        sys.exit(f"error: --opt {args.opt!r} is not a timm optimizer; see timm.optim.list_optimizers()")
     for action in parser._actions:  # config values skip argparse's checks: apply them here
         value = getattr(args, action.dest, None)
         if action.choices is not None and value is not None and value not in action.choices:
@@ -178,6 +214,10 @@ def create_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Path |
     if init is not None and not init.exists():
         sys.exit(f"error: --init-checkpoint {init} does not exist")
     model_kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    if args.drop is not None:
+        model_kwargs["drop_rate"] = args.drop
+    if args.drop_path is not None:
+        model_kwargs["drop_path_rate"] = args.drop_path
     if init is not None and init.is_dir():  # a timm folder (config.json + model.safetensors), e.g. a previous RUN/model
         model = or_exit(timm.create_model, f"local-dir:{init}", pretrained=True, **model_kwargs)
         model_name = model.pretrained_cfg.get("architecture", args.model)
@@ -266,9 +306,13 @@ def create_task(args: argparse.Namespace, model: torch.nn.Module, rank: int, dev
         clean_fraction=args.clean_fraction,
         alpha=args.alpha,
         margin=args.margin,
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing),
         seed=args.seed + rank,
     )
-    return task.to(device)
+    task = task.to(device)
+    if args.model_ema:  # timm's task EMA (ModelEmaV3) of the student, before any DDP / compile wrapping
+        task.setup_ema(decay=args.model_ema_decay)
+    return task
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -283,11 +327,11 @@ class Optimization:
 
 
 def create_optimization(args: argparse.Namespace, task: ICLTask, data: Data, world: int) -> Optimization:
-    params = [p for p in task.trainable_module.parameters() if p.requires_grad]
-    if args.opt == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    """timm's optimizer (no weight decay on biases and norm layers) and timm's schedule, stepped per optimizer step
+    (``step_update``) so that warmup and decay work for streams of unknown length with ``--max-steps`` too."""
+    optimizer = timm.optim.create_optimizer_v2(
+        task.trainable_module, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+    )
     loader, num_samples = data.train_loader, data.train_info["num_samples"]
     if loader.batch_sampler is not None:  # ranks differ by at most one batch; every rank runs the longest
         batches_per_epoch = math.ceil(math.ceil(loader.batch_sampler.num_samples / world) / args.batch_size)
@@ -297,20 +341,22 @@ def create_optimization(args: argparse.Namespace, task: ICLTask, data: Data, wor
         batches_per_epoch = None
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps) if batches_per_epoch else None
     total_steps = args.max_steps or (steps_per_epoch * args.epochs if steps_per_epoch else None)
-    if total_steps is None and args.sched != "constant":
-        sys.exit("error: the stream's size is unknown: pass --max-steps (or --sched constant)")
-
-    def lr_factor(step: int) -> float:
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        if args.sched == "cosine":
-            progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if args.sched == "step":
-            return 0.1 ** int(step / max(1, steps_per_epoch or 1) // args.decay_epochs)
-        return 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    if total_steps is None and (args.sched != "constant" or args.warmup_epochs):
+        sys.exit("error: the stream's size is unknown: pass --max-steps (or --sched constant, --warmup-steps)")
+    per_epoch = steps_per_epoch or 1
+    # every length in optimizer steps: timm's "epochs" become steps with updates_per_epoch=1
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer,
+        sched=args.sched,
+        num_epochs=total_steps or 1,
+        decay_epochs=max(1, round(args.decay_epochs * per_epoch)),
+        decay_rate=args.decay_rate,
+        min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr,
+        warmup_epochs=round(args.warmup_epochs * per_epoch) + args.warmup_steps,
+        step_on_epochs=False,
+        updates_per_epoch=1,
+    )
     return Optimization(optimizer, scheduler, steps_per_epoch, total_steps)
 
 
@@ -334,6 +380,7 @@ class Run:
     resumed: bool = False
     metrics_file: Any = None
     stop_signal: list = field(default_factory=list)
+    ema_results: dict | None = None  # the last validation of the EMA weights (--model-ema)
 
     @property
     def is_main(self) -> bool:
@@ -436,28 +483,36 @@ def install_signal_handlers(run: Run) -> None:
 # validation and the loop
 # ---------------------------------------------------------------------------------------------------------------------
 def validate(run: Run, epoch: int) -> dict | None:
-    """Robustness of the current student on the validation split (every rank its shard, exact counts)."""
+    """Robustness of the current student (and of its EMA, with ``--model-ema``) on the validation split: every rank
+    its shard, exact counts. Writes eval.json (eval_ema.json) and one ``"kind": "val"`` metrics record."""
     if run.data.val_loader is None:
         return None
     accelerator = run.accelerator
-    results = evaluate_robustness(
-        run.task.get_eval_model(),
-        run.data.val_loader,
-        parse_distortions(run.args.val_distortions or run.args.distortions),
-        seed=run.args.seed,
-        device=accelerator.device,
-        accelerator=accelerator if accelerator.num_processes > 1 else None,
-        per_image=False,
-        progress=False,
-    )
+    record = {"kind": "val", "epoch": epoch, "step": run.position["step"]}
+    results = None
+    for ema in (False, True) if run.task.has_ema() else (False,):
+        evaluated = evaluate_robustness(
+            run.task.get_eval_model(ema=ema),
+            run.data.val_loader,
+            parse_distortions(run.args.val_distortions or run.args.distortions),
+            seed=run.args.seed,
+            device=accelerator.device,
+            accelerator=accelerator if accelerator.num_processes > 1 else None,
+            per_image=False,
+            progress=False,
+        )
+        prefix, summary = ("val_ema" if ema else "val"), evaluated["summary"]
+        line = "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None)
+        run.say(f"epoch {epoch}{' (EMA)' if ema else ''}: {line}")
+        record.update({f"{prefix}/{k}": v for k, v in summary.items()})
+        record.update({f"{prefix}/{name}": c["top1"] for name, c in evaluated["conditions"].items()})
+        if run.is_main:
+            (run.run_dir / ("eval_ema.json" if ema else "eval.json")).write_text(json.dumps(evaluated, indent=1) + "\n")
+        if ema:
+            run.ema_results = evaluated
+        results = results or evaluated
     run.task.train()
-    summary = results["summary"]
-    run.say(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None))
-    record = {"epoch": epoch, "step": run.position["step"], **{f"val/{k}": v for k, v in summary.items()}}
-    record.update({f"val/{name}": c["top1"] for name, c in results["conditions"].items()})
     run.log(record)
-    if run.is_main:
-        (run.run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
@@ -500,11 +555,19 @@ def train(run: Run) -> tuple[dict | None, bool]:
             train_loader.batch_sampler.skip_batches(skip)  # map-style: resume at the exact batch
         elif skip:
             run.say(f"streamed data: skipping {skip} batches to resume (the shuffle buffer is not restored)")
+        images_per_step = args.batch_size * args.grad_accum_steps * world
         bar = tqdm(
-            total=steps_per_epoch, initial=skip // args.grad_accum_steps, disable=not run.is_main, desc=f"epoch {epoch}"
+            total=steps_per_epoch * images_per_step if steps_per_epoch else None,
+            initial=skip // args.grad_accum_steps * images_per_step,
+            disable=not run.is_main,
+            desc=f"epoch {epoch}",
+            unit="img",
+            unit_scale=True,
         )
         seen_labels: list[int] = []
         tic, images_done = time.perf_counter(), 0
+        # loss parts summed on the device over the logging window (no host sync per step): [loss, ce, constraint, n]
+        window = torch.zeros(4, device=device)
         micro = 0
         batches = lockstep(run, train_loader)
         if skip and train_loader.batch_sampler is None:
@@ -525,26 +588,31 @@ def train(run: Run) -> tuple[dict | None, bool]:
                 with accelerator.autocast():
                     out = task(images, labels)
                 accelerator.backward(out["loss"] * (weight / args.grad_accum_steps))
+            parts = torch.stack([out[k].detach().float() for k in ("loss", "task_loss", "constraint_loss")])
+            window += torch.cat([parts, parts.new_ones(1)]) * weight
             position["batch_in_epoch"] += 1
             if not sync:
                 continue
             micro = 0
             if args.clip_grad:
                 accelerator.clip_grad_norm_(student.parameters(), args.clip_grad)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             position["step"] += 1
-            bar.update(1)
+            scheduler.step_update(position["step"])  # timm schedule, per optimizer step
+            task.update_ema(step=position["step"])
+            bar.update(images_per_step)
 
             if position["step"] % args.log_every == 0 or is_last:
-                parts = torch.stack([out[k].detach().float() for k in ("loss", "task_loss", "constraint_loss")])
-                loss, task_loss, constraint_loss = accelerator.reduce(parts, "mean").tolist()
+                # window means over every micro-batch since the last line, all ranks
+                loss, task_loss, constraint_loss, count = accelerator.reduce(window, "sum").tolist()
+                loss, task_loss, constraint_loss = (v / max(count, 1.0) for v in (loss, task_loss, constraint_loss))
+                window.zero_()
                 rate = images_done * world / (time.perf_counter() - tic)
-                lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{loss:.4f}", ce=f"{task_loss:.4f}", icl=f"{constraint_loss:.4f}", lr=f"{lr:.2e}")
-                record = {"step": position["step"], "epoch": epoch, "loss": loss, "task_loss": task_loss}
-                record.update(constraint_loss=constraint_loss, lr=lr, images_per_s=rate)
+                record = {"kind": "train", "step": position["step"], "epoch": epoch, "loss": loss}
+                record.update(task_loss=task_loss, constraint_loss=constraint_loss, lr=lr, images_per_s=rate)
                 record.update(skipped=train_loader.num_skipped)
                 run.log(record)
 
@@ -614,6 +682,18 @@ def export(run: Run, results: dict | None) -> Path | None:
             label_names=run.data.train_info.get("class_names"),
         )
         run.say(f"model exported to {exported} (timm.create_model('local-dir:{exported}', pretrained=True))")
+        if task.has_ema():  # timm's train.py keeps both; so do we: RUN/model-ema, the same folder format
+            ema_folder = export_model(
+                task.get_eval_model(ema=True),
+                run.run_dir / "model-ema",
+                icl_config={**icl_config, "ema_decay": args.model_ema_decay},
+                results=run.ema_results,
+                model_name=f"{run.run_dir.name}-ema",
+                dataset=args.dataset,
+                base_model=args.model if args.pretrained and init is None else None,
+                label_names=run.data.train_info.get("class_names"),
+            )
+            run.say(f"EMA weights exported to {ema_folder}")
         if args.push_to_hub:
             from timm_icl.hub import push_to_hub
 
@@ -643,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     task = create_task(args, model, rank, accelerator.device)
     opt = create_optimization(args, task, data, world)
     accelerator.register_for_checkpointing(opt.scheduler)
+    if task.has_ema():
+        accelerator.register_for_checkpointing(task.get_trainable_module(ema=True))
     student, opt.optimizer = accelerator.prepare(task.trainable_module, opt.optimizer)
     if args.compile:
         student = torch.compile(student)
