@@ -13,8 +13,8 @@ Sources (``dataset_spec``):
 Sharding across ``world_size`` processes happens here, exactly once (see ecosystem-notes: do not also pass
 these loaders to ``accelerator.prepare``): map-style data through :class:`ShardedBatchSampler` (one permutation
 per epoch shared by all ranks, rank ``r`` takes every ``world_size``-th index), streams through
-``datasets.distributed.split_dataset_by_node``. Every sample of an epoch is seen exactly once across ranks; ranks
-may end up with one batch less, which the training loop handles.
+:mod:`timm_icl.stream` (whole shards per rank, a position that resumes exactly). Every sample of an epoch is seen
+exactly once across ranks; ranks may end up with one batch less (streams: a few), which the training loop handles.
 
 Images are decoded in the DataLoader workers (``Image(decode=False)``); an image that cannot be decoded, or an
 absurdly thin strip, is skipped, logged and counted (``loader.num_skipped``), never stopping the run.
@@ -498,8 +498,8 @@ def create_loader(
         image_size: output ``H`` or ``(H, W)`` (or timm's ``(3, H, W)``); None: ``data_config``'s.
         batch_size: per-process batch size.
         num_workers: DataLoader workers (decoding happens there).
-        shuffle: reshuffle every epoch (map-style: permutation seeded with ``seed + epoch``; streams: a
-            ``datasets`` shuffle buffer of 10,000 seeded with ``seed``).
+        shuffle: reshuffle every epoch (map-style: permutation seeded with ``seed + epoch``; streams: the
+            shard order per epoch and windows of 1,024 samples within a shard, see :mod:`timm_icl.stream`).
         seed: shuffle seed (the same on every rank).
         rank, world_size: this process's index and the number of processes.
         max_samples: use only the first ``max_samples`` samples.
@@ -543,21 +543,29 @@ def create_loader(
     if isinstance(dataset, IterableDataset):
         if samples_per_epoch is not None:
             raise ValueError("samples_per_epoch needs map-style data; for a stream use max_samples")
-        if isinstance(dataset, _MapAsStream):
-            dataset.rank, dataset.world_size = rank, world_size
-        else:
-            hf = dataset.hf_dataset
-            if shuffle:
-                hf = hf.shuffle(seed=seed, buffer_size=10_000)
-            if world_size > 1:
-                from datasets.distributed import split_dataset_by_node
-
-                hf = split_dataset_by_node(hf, rank=rank, world_size=world_size)
-            dataset.hf_dataset = hf
         total = info["num_samples"]
         per_rank = len(range(rank, total, world_size)) if total is not None else None
-        loader = DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, **common)
-        wrapped = ImageLoader(loader, None, per_rank)
+        if isinstance(dataset, _MapAsStream):
+            dataset.rank, dataset.world_size = rank, world_size
+            loader = DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, **common)
+            wrapped = ImageLoader(loader, None, per_rank)
+        else:  # whole shards per rank and worker, an exact resumable position (timm_icl.stream)
+            from .stream import ShardedStream, ShardedStreamLoader
+
+            stream = ShardedStream(
+                dataset.hf_dataset,
+                dataset.decoder,
+                _collate,
+                batch_size,
+                rank=rank,
+                world_size=world_size,
+                num_streams=max(1, num_workers),
+                shuffle=shuffle,
+                seed=seed,
+                drop_last=drop_last,
+                shardable=max_samples is None,  # after take(): one pseudo-shard, every rank keeps its share
+            )
+            wrapped = ShardedStreamLoader(stream, num_workers=num_workers, pin_memory=pin_memory, num_samples=per_rank)
     else:
         sampler = ShardedBatchSampler(
             len(dataset),
