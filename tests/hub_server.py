@@ -11,8 +11,10 @@ as called by ``HfApi.create_repo``, ``HfApi.create_commit`` (regular, non-LFS up
     POST /api/models/{repo}/commit/{rev}         -> ndjson header + files; {"commitUrl", "commitOid"}
     GET  /api/models/{repo}[/revision/{rev}]     -> {"id", "sha", "siblings": [...]}
     HEAD/GET /{repo}/resolve/{rev}/{path}        -> the file, with X-Repo-Commit / ETag / Content-Length
+    GET  /api/whoami-v2                          -> {"name": "user", "orgs": [...], "auth": {"accessToken": {"role"}}}
 
-Write requests need ``Authorization: Bearer <token>`` when the server is started with ``token=...``.
+Write requests need ``Authorization: Bearer <token>`` when the server is started with ``token=...``; a
+``read_token`` is known to whoami (role "read") but refused for writes (HTTP 403).
 
 Example:
     >>> with HubServer(token="hf_test") as hub:     # doctest: +SKIP
@@ -33,8 +35,10 @@ _REPO = r"(?P<repo>[^/]+/[^/]+)"
 
 
 class _State:
-    def __init__(self, token: str | None):
+    def __init__(self, token: str | None, read_token: str | None = None, orgs: dict[str, str] | None = None):
         self.token = token
+        self.read_token = read_token
+        self.orgs = dict(orgs or {})  # organisation -> the user's role in it ("read", "write", "admin")
         self.repos: dict[str, dict] = {}  # repo_id -> {"files": {path: bytes}, "sha": str, "commits": [msg]}
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers) for assertions
         self.fail_commits = 0  # answer this many commit requests with HTTP 503 first (to test retries)
@@ -76,6 +80,9 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if self.headers.get("Authorization") == f"Bearer {self.state.token}":
             return True
+        if self.state.read_token and self.headers.get("Authorization") == f"Bearer {self.state.read_token}":
+            self._error(403, "You don't have the rights to create a model under this namespace")
+            return False
         self._error(401, "Invalid credentials in Authorization header")
         return False
 
@@ -149,6 +156,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         self._record()
         path = self._path()
+        if path == "/api/whoami-v2":
+            roles = {f"Bearer {self.state.token}": "write", f"Bearer {self.state.read_token}": "read"}
+            role = roles.get(self.headers.get("Authorization") or "")
+            if role is None:
+                return self._error(401, "Invalid credentials in Authorization header")
+            orgs = [{"name": name, "roleInOrg": r} for name, r in sorted(self.state.orgs.items())]
+            token = {"displayName": "test", "role": role}
+            return self._send(200, {"type": "user", "name": "user", "orgs": orgs, "auth": {"accessToken": token}})
         m = re.fullmatch(rf"/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?", path)
         if m:
             repo = self.state.repos.get(m["repo"])
@@ -180,8 +195,8 @@ class HubServer:
         requests: every request seen, as ``(method, path, lower-cased headers)``.
     """
 
-    def __init__(self, token: str | None = None):
-        self.state = _State(token)
+    def __init__(self, token: str | None = None, *, read_token: str | None = None, orgs: dict | None = None):
+        self.state = _State(token, read_token, orgs)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True

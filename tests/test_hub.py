@@ -224,3 +224,111 @@ def test_push_retries_transient_errors_in_process(exported, monkeypatch):
         hub.fail_next_commits(5)
         with pytest.raises(HubError, match=r"failed after 2 attempts \(HTTP 503"):
             push_to_hub(exported, "user/retry", token=TOKEN, retries=2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# safety: non-finite weights, atomic export, push validation before training, failed push leaves the folder alone
+# --------------------------------------------------------------------------------------------------------------------
+def _diverged(model: torch.nn.Module) -> torch.nn.Module:
+    broken = timm.create_model("vgg_tiny", num_classes=10)
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.pre_logits.fc1.weight[0, 0] = float("nan")
+        broken.head.fc.bias.fill_(float("inf"))
+    return broken
+
+
+def test_export_and_push_refuse_non_finite_weights(trained, exported, tmp_path):
+    model, _ = trained
+    before = _digest(exported)
+    with pytest.raises(
+        ValueError, match=r"2 of \d+ weight tensors hold NaN or infinite values \(pre_logits.fc1.weight"
+    ):
+        export_model(_diverged(model), exported)
+    assert _digest(exported) == before and [p.name for p in exported.parent.iterdir()] == ["model"]
+    # a folder whose weights were damaged afterwards (or written by another tool) is not pushed either
+    from safetensors.torch import save_file
+
+    save_file(_diverged(model).state_dict(), str(exported / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"refusing to push .* hold NaN or infinite values .*head.fc.bias"):
+        push_to_hub(exported, "user/x", token=TOKEN)
+    (exported / "model.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(ValueError, match=r"model.safetensors: it is damaged or truncated"):
+        push_to_hub(exported, "user/x", token=TOKEN)
+
+
+def test_export_replaces_the_folder_as_a_whole(trained, exported):
+    model, _ = trained
+    (exported / "notes.txt").write_text("mine")
+    (exported / "pytorch_model.bin").write_bytes(b"stale")
+    again = export_model(model, exported, icl_config=ICL_CONFIG, model_name="second")  # no results this time
+    assert again == exported
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors", "notes.txt"]
+    assert json.loads((exported / "config.json").read_text())["icl"]["model_name"] == "second"
+    assert f"local-dir:{exported}" in (exported / "README.md").read_text()  # not the staging folder's name
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["model"]  # no staging folder left
+
+
+@pytest.fixture()
+def local_hub(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    with HubServer(token=TOKEN, read_token="hf_readonly", orgs={"team": "write", "readers": "read"}) as hub:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        yield hub
+
+
+@pytest.mark.parametrize(
+    "repo_id, token, message",
+    [
+        ("user/ok", TOKEN, None),
+        ("team/ok", TOKEN, None),
+        ("no-namespace", TOKEN, "repo_id must look like 'user/name'"),
+        ("user/bad name", TOKEN, "invalid repo_id 'user/bad name'"),
+        ("user/x--y", TOKEN, "invalid repo_id"),
+        ("user/ok", "hf_wrong", "not authorised to push to user/ok"),
+        ("user/ok", "hf_readonly", "the token of 'user' is read-only"),
+        ("someone/ok", TOKEN, "the token belongs to 'user', who is not 'someone' nor a member of it"),
+        ("readers/ok", TOKEN, "'user' has only the read role in 'readers'"),
+    ],
+)
+def test_validate_push(local_hub, repo_id, token, message):
+    from timm_icl.hub import validate_push
+
+    if message is None:
+        assert validate_push(repo_id, token=token) == "user"
+        return
+    with pytest.raises((ValueError, HubError), match=message) as info:
+        validate_push(repo_id, token=token)
+    assert "\n" not in str(info.value)
+    assert not [p for m, p, _ in local_hub.requests if m == "POST"]  # nothing was created
+
+
+def test_validate_push_offline_and_unreachable(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    from timm_icl.hub import validate_push
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="offline mode is on"):
+        validate_push("user/ok", token=TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    with pytest.raises(HubError, match=r"the Hub at http://127.0.0.1:9 cannot be reached"):
+        validate_push("user/ok", token=TOKEN)
+
+
+def test_a_failed_push_leaves_the_folder_unchanged(exported, local_hub):
+    before = _digest(exported)
+    with pytest.raises(HubError, match="not authorised to push to user/x"):
+        push_to_hub(exported, "user/x", token="hf_readonly", retries=1)
+    local_hub.fail_next_commits(1)
+    with pytest.raises(HubError, match="failed after 1 attempts"):
+        push_to_hub(exported, "user/x", token=TOKEN, retries=1)
+    assert _digest(exported) == before and sorted(p.name for p in exported.iterdir() if p.name.startswith(".")) == []
+    push_to_hub(exported, "user/x", token=TOKEN, retries=1)  # a successful push updates the local card
+    assert 'create_model("hf-hub:user/x"' in (exported / "README.md").read_text()
+    assert local_hub.repos["user/x"]["files"]["README.md"] == (exported / "README.md").read_bytes()

@@ -51,6 +51,7 @@ def resolve_model_spec(model: str) -> tuple[str, bool]:
 
 def _create_model(model: str, *, pretrained: bool, num_classes: int | None = None):
     import timm
+    from safetensors import SafetensorError
 
     import timm_icl  # noqa: F401  (registers vgg_tiny / vgg_small)
 
@@ -63,8 +64,11 @@ def _create_model(model: str, *, pretrained: bool, num_classes: int | None = Non
         raise ValueError(f"unknown timm model {model!r}; see timm.list_models('*{base.split('.')[0][:8]}*')")
     try:
         return timm.create_model(name, pretrained=pretrained and from_weights, **kwargs)
-    except (OSError, RuntimeError, ValueError) as e:  # hub errors (offline, 404, gated) derive from OSError
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # hub errors (offline, 404, gated): OSError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, SafetensorError):  # a truncated or damaged weights file: name it
+            where = Path(name.split(":", 1)[1]) / "model.safetensors" if name.startswith("local-dir:") else name
+            raise ValueError(f"cannot load model {model!r}: {where} is damaged or truncated ({first})") from None
         raise ValueError(f"cannot load model {model!r} ({type(e).__name__}: {first})") from None
 
 

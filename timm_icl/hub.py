@@ -21,17 +21,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .results import canonical_json, format_table, json_safe, plot_accuracy_vs_sigma
 
-__all__ = ["export_model", "push_to_hub", "render_model_card", "HubError", "resolve_model_folder", "TEMPLATE_PATH"]
+__all__ = [
+    "export_model",
+    "push_to_hub",
+    "validate_push",
+    "non_finite_tensors",
+    "render_model_card",
+    "HubError",
+    "resolve_model_folder",
+    "TEMPLATE_PATH",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -51,6 +63,8 @@ TEMPLATE_PATH = next(
 RESULTS_NAME = "eval_results.json"
 PLOT_NAME = "accuracy_vs_sigma.png"
 _EXPORTED = ("config.json", "model.safetensors", "README.md", RESULTS_NAME, PLOT_NAME)
+#: Testing hook: SIGKILL the process in the middle of an export (new weights and config written, no card yet).
+KILL_DURING_EXPORT_ENV = "TIMM_ICL_TEST_KILL_DURING_EXPORT"
 
 _METHODS = {
     "icl": (
@@ -98,6 +112,87 @@ def _strip_per_image(results: Mapping[str, Any]) -> dict:
     return {k: v for k, v in results.items() if k != "per_image"}
 
 
+def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in ``state_dict`` that hold a NaN or an infinity."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
+def _non_finite_summary(bad: list[str], state_dict: Mapping[str, Any]) -> str:
+    total = sum(1 for v in state_dict.values() if torch.is_tensor(v) and v.is_floating_point())
+    shown = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
+    return f"{len(bad)} of {total} weight tensors hold NaN or infinite values ({shown}); the training diverged"
+
+
+def _staging_folder(final: Path) -> Path:
+    """A fresh hidden folder beside ``final`` to export into (leftovers of a killed export are removed first)."""
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"cannot export to {final}: it is a file, not a folder")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
+        for leftover in final.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staged = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    staged.mkdir()
+    return staged
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # directories on some filesystems
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_folder(staged: Path, final: Path) -> None:
+    """Put the complete ``staged`` folder in ``final``'s place in one rename; files of ``final`` that an export does
+    not write (a user's notes) are carried over, a stale ``pytorch_model.bin`` is not."""
+    if final.is_dir():
+        for item in final.iterdir():
+            if item.name in _EXPORTED or item.name == "pytorch_model.bin" or (staged / item.name).exists():
+                continue
+            if item.is_dir() and not item.is_symlink():
+                shutil.copytree(item, staged / item.name, symlinks=True)
+            else:
+                shutil.copy2(item, staged / item.name, follow_symlinks=False)
+    for path in [*staged.rglob("*"), staged]:
+        if path.is_file() or path == staged:
+            _fsync(path)
+    if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+        os.replace(staged, final)
+        old = None
+    elif _exchange(staged, final):
+        old = staged  # now holds the previous export
+    else:  # two renames: a kill between them leaves the previous export in .<name>.old-<pid>
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(staged, final)
+    _fsync(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export_model(
     model: nn.Module,
     out_dir: str | Path,
@@ -114,8 +209,9 @@ def export_model(
 
     Args:
         model: the fine-tuned timm model (an ``ICLTask`` or a DDP/compiled wrapper is unwrapped to its student).
-        out_dir: the folder (created; files of a previous export there are replaced, a stale
-            ``pytorch_model.bin`` removed).
+        out_dir: the folder. Written atomically: the export goes into a hidden folder beside it that then takes its
+            place in one rename, so a kill leaves the previous export or the new one, never a mix. Files of a
+            previous export are replaced; other files there are carried over, a stale ``pytorch_model.bin`` is not.
         icl_config: the training settings recorded in config.json's ``"icl"`` block, e.g. ``{"method": "icl",
             "lambda": 0.1, "alpha": 100, "layers": [...], "distortions": "noise:20,... blur:2,...",
             "reference_model": "vgg16.tv_in1k"}`` (``constraint``/``constraint_weight`` are accepted as aliases).
@@ -128,6 +224,9 @@ def export_model(
 
     Returns:
         The folder path.
+
+    Raises:
+        ValueError: a weight tensor holds NaN or infinite values (names the tensors), or no ``pretrained_cfg``.
     """
     from timm.models import save_for_hf
 
@@ -137,10 +236,13 @@ def export_model(
             "the model has no pretrained_cfg (built by hand?); "
             "create it with timm.create_model(...) so that it can be exported"
         )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("pytorch_model.bin", PLOT_NAME, RESULTS_NAME):
-        (out_dir / stale).unlink(missing_ok=True)
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        raise ValueError(f"refusing to export to {out_dir}: {_non_finite_summary(bad, model.state_dict())}")
+    # Atomic as a folder: everything is written into a hidden staging folder beside out_dir, which then takes
+    # out_dir's place in one rename, so a kill leaves either the previous export or the new one, complete.
+    final = Path(out_dir)
+    out_dir = _staging_folder(final)
 
     model_config: dict[str, Any] = {}
     pretrained_override: dict[str, Any] = {"tag": "icl"}
@@ -167,9 +269,11 @@ def export_model(
     for key, value in (("dataset", dataset), ("base_model", base_model), ("license", license)):
         if value is not None or key not in icl:
             icl[key] = value if value is not None else icl.get(key)
-    icl["model_name"] = model_name or icl.get("model_name") or out_dir.resolve().name
+    icl["model_name"] = model_name or icl.get("model_name") or final.resolve().name
     config["icl"] = icl
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if os.environ.get(KILL_DURING_EXPORT_ENV) == "1":  # testing: a kill with new weights + config, old card
+        os.kill(os.getpid(), signal.SIGKILL)
 
     if results is not None:
         (out_dir / RESULTS_NAME).write_text(canonical_json(_strip_per_image(results)))
@@ -177,8 +281,9 @@ def export_model(
             plot_accuracy_vs_sigma({icl["model_name"]: results}, out_dir / PLOT_NAME, title=icl["model_name"])
         except ImportError:
             _logger.warning("matplotlib is not installed: the card has no plot")
-    (out_dir / "README.md").write_text(render_model_card(out_dir))
-    return out_dir
+    (out_dir / "README.md").write_text(render_model_card(out_dir, shown_as=final))
+    _replace_folder(out_dir, final)
+    return final
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -209,12 +314,15 @@ def _eval_results(results: Mapping[str, Any], dataset: str | None, dataset_name:
     return out
 
 
-def render_model_card(folder: str | Path, repo_id: str | None = None, *, transformers_ok: bool = True) -> str:
+def render_model_card(
+    folder: str | Path, repo_id: str | None = None, *, transformers_ok: bool = True, shown_as: str | Path | None = None
+) -> str:
     """Render README.md for an exported folder from its config.json (``icl`` block) and eval_results.json.
 
     Args:
         folder: an exported folder.
         repo_id: the Hub repository (the card then shows ``hf-hub:<repo_id>``; else ``local-dir:<folder>``).
+        shown_as: the folder path the card names (default ``folder``; the export renders in a staging folder).
         transformers_ok: show the transformers snippet (the export drops ``model_args.num_classes``, which makes
             the folder loadable by transformers' TimmWrapper; tested in tests/test_hub.py).
     """
@@ -263,7 +371,7 @@ def render_model_card(folder: str | Path, repo_id: str | None = None, *, transfo
             f"condition (distortions `{results.get('distortions', '')}`, noise seed {results.get('seed', 0)}; "
             "reproduce with `timm-icl eval`)."
         )
-    load_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder}"
+    load_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{shown_as or folder}"
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -288,7 +396,7 @@ def render_model_card(folder: str | Path, repo_id: str | None = None, *, transfo
             else "Not recorded."
         ),
         load_id=load_id,
-        hub_id=repo_id or str(folder),
+        hub_id=repo_id or str(shown_as or folder),
         transformers_ok=transformers_ok,
         input_size=f"{input_size[1]}x{input_size[2]}",
         mean=_format_value(pcfg.get("mean")),
@@ -381,10 +489,10 @@ def push_to_hub(
         ValueError: ``folder`` is not an exported model or ``repo_id`` is malformed.
     """
     folder = resolve_model_folder(folder)
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}")
+    _check_repo_id(repo_id)
     if not _is_main_process():
         return None
+    _check_finite_folder(folder, repo_id)
     if _offline():
         raise HubError(
             f"cannot push to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset it to push. "
@@ -393,12 +501,9 @@ def push_to_hub(
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-    # Update the card for this repository: load snippet with hf-hub:<repo_id>. Written to a copy first so that a
-    # failure cannot leave a half-written README in the user's folder.
+    # The card for this repository (load snippet with hf-hub:<repo_id>) is uploaded from memory; the local README
+    # is updated only after the push succeeded, so a failed push leaves the folder exactly as it was.
     card = render_model_card(folder, repo_id)
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(card)
-    os.replace(tmp, folder / "README.md")
 
     config = json.loads((folder / "config.json").read_text())
     message = commit_message or f"Upload {config.get('icl', {}).get('model_name') or folder.name} (timm-icl)"
@@ -406,7 +511,7 @@ def push_to_hub(
     files = [
         p
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+        if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts) and p.name != "README.md"
     ]
     delay = 1.0
     for attempt in range(1, max(1, retries) + 1):
@@ -415,7 +520,11 @@ def push_to_hub(
             operations = [
                 CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files
             ]
+            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
             info = api.create_commit(repo_id, operations, commit_message=message, repo_type="model")
+            tmp = folder / ".README.md.tmp"
+            tmp.write_text(card)
+            os.replace(tmp, folder / "README.md")
             return str(info.commit_url)
         except RepositoryNotFoundError as e:
             raise HubError(_auth_message(repo_id, e)) from None
@@ -439,6 +548,105 @@ def push_to_hub(
     raise HubError(
         f"push to {repo_id} failed after {retries} attempts ({last}); the exported folder {folder} is intact"
     )
+
+
+def validate_push(repo_id: str, *, token: str | None = None) -> str:
+    """Check, before a long training run, that a push to ``repo_id`` can succeed; one-line errors.
+
+    Checks the repo id's syntax (huggingface_hub's validator, plus a namespace), offline mode, and the token: it
+    must exist, be valid (``whoami``), not be read-only, and belong to the namespace (the user or one of their
+    organisations where their role is not read; a fine-grained token must name it with a write permission). Whether
+    an existing repository accepts this user's writes is known only at the push itself.
+
+    Args:
+        repo_id: ``"user/name"``.
+        token: a write token; ``None`` uses huggingface_hub's own lookup (``HF_TOKEN`` or the saved login).
+
+    Returns:
+        The user name the token belongs to.
+
+    Raises:
+        ValueError: a malformed repo id.
+        HubError: offline mode, no token, an invalid or read-only token, a namespace the token cannot write to, or
+            the Hub cannot be reached.
+    """
+    _check_repo_id(repo_id)
+    if _offline():
+        raise HubError(f"cannot push to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset it to push")
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    try:
+        info = HfApi(token=token).whoami(cache=True)
+    except LocalTokenNotFoundError:
+        raise HubError(
+            f"cannot push to {repo_id}: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN"
+        ) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise HubError(_auth_message(repo_id, e)) from None
+        raise HubError(f"cannot push to {repo_id}: the Hub answered HTTP {status} ({_first_line(e)})") from None
+    except Exception as e:  # connection errors: OSError, or httpx's own types
+        if not isinstance(e, OSError) and type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore"):
+            raise
+        raise HubError(
+            f"cannot push to {repo_id}: the Hub at {constants.ENDPOINT} cannot be reached ({_first_line(e)})"
+        ) from None
+    user = info.get("name")
+    namespace = repo_id.split("/")[0]
+    orgs = {org.get("name"): org for org in info.get("orgs") or []}
+    access = (info.get("auth") or {}).get("accessToken") or {}
+    fix = "create a token with write access at https://huggingface.co/settings/tokens and set HF_TOKEN"
+    if access.get("role") == "read":
+        raise HubError(f"cannot push to {repo_id}: the token of {user!r} is read-only; {fix}")
+    if namespace != user and namespace not in orgs:
+        raise HubError(
+            f"cannot push to {repo_id}: the token belongs to {user!r}, who is not {namespace!r} nor a member of it"
+        )
+    if namespace in orgs and orgs[namespace].get("roleInOrg") == "read":
+        raise HubError(f"cannot push to {repo_id}: {user!r} has only the read role in {namespace!r}")
+    if access.get("role") == "fineGrained":
+        scoped = (access.get("fineGrained") or {}).get("scoped") or []
+        writable = [
+            entry
+            for entry in scoped
+            if (entry.get("entity") or {}).get("name") in (namespace, repo_id)
+            and any("write" in permission for permission in entry.get("permissions") or [])
+        ]
+        if not writable:
+            raise HubError(f"cannot push to {repo_id}: the fine-grained token cannot write to {namespace!r}; {fix}")
+    return user
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"invalid repo_id {repo_id!r}: {_first_line(e)}") from None
+
+
+def _check_finite_folder(folder: Path, repo_id: str) -> None:
+    """Refuse to push weights that do not load or hold NaN/inf (read one tensor at a time)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / "model.safetensors"
+    bad, dtypes = [], {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensor = f.get_tensor(name)
+                dtypes[name] = tensor.new_empty(0)  # dtype only: for the count of floating tensors
+                bad += non_finite_tensors({name: tensor})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot push {path}: it is damaged or truncated ({_first_line(e)})") from None
+    if bad:
+        raise ValueError(f"refusing to push {folder} to {repo_id}: {_non_finite_summary(bad, dtypes)}")
 
 
 def _first_line(e: BaseException) -> str:
