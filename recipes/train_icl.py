@@ -225,10 +225,50 @@ def create_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Path |
         model = or_exit(timm.create_model, args.model, pretrained=args.pretrained and init is None, **model_kwargs)
         model_name = args.model
         if init is not None:
-            from safetensors.torch import load_file
-
-            or_exit(model.load_state_dict, load_file(str(init)))
+            load_init_weights(model, init, new_head=bool(args.num_classes))
     return model, model_name, init
+
+
+def load_init_weights(model: torch.nn.Module, path: Path, *, new_head: bool) -> None:
+    """Load a ``.safetensors`` state dict into ``model``; with ``new_head`` (``--num-classes``) a classifier of
+    another size is left freshly initialised. Any other mismatch ends the run with one line that names it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        sys.exit(
+            f"error: --init-checkpoint {path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+            "pass a .safetensors state dict or a timm folder (config.json + model.safetensors)"
+        )
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier") or ""
+    head = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier) if c)
+    mismatched = [k for k in state.keys() & own.keys() if state[k].shape != own[k].shape]
+    if new_head and mismatched and all(k.startswith(head) for k in mismatched):
+        for k in mismatched:
+            del state[k]  # a fresh head for --num-classes; everything else from the checkpoint
+    missing = sorted(own.keys() - state.keys() - ({k for k in own if k.startswith(head)} if new_head else set()))
+    unexpected = sorted(state.keys() - own.keys())
+    mismatched = sorted(k for k in state.keys() & own.keys() if state[k].shape != own[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            shapes = f"checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+            parts.append(f"{len(mismatched)} shape mismatch(es) (first: {k}: {shapes})")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
+        hint = (
+            "pass --num-classes N for a fresh head of N classes"
+            if mismatched and all(k.startswith(head) for k in mismatched)
+            else f"is it a checkpoint of --model {model.pretrained_cfg.get('architecture', '?')}?"
+        )
+        sys.exit(f"error: --init-checkpoint {path} does not fit the model: {'; '.join(parts)}; {hint}")
+    model.load_state_dict(state, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,7 +324,10 @@ def fit_head(args: argparse.Namespace, model: torch.nn.Module, num_classes: int 
     """Give the model the dataset's number of classes (a fresh head), unless it starts from a local checkpoint."""
     if num_classes and model.num_classes != num_classes:
         if args.init_checkpoint is not None:
-            sys.exit(f"error: the checkpoint predicts {model.num_classes} classes but the dataset has {num_classes}")
+            sys.exit(
+                f"error: the checkpoint predicts {model.num_classes} classes but the dataset has {num_classes}: "
+                f"pass --num-classes {num_classes} to train a fresh head on top of the checkpoint"
+            )
         say(f"resetting the {model.num_classes}-class head to the dataset's {num_classes} classes")
         model.reset_classifier(num_classes)
 
@@ -416,12 +459,28 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def stream_state(run: Run) -> dict | None:
+    """This rank's exact position in a streamed training set (``timm_icl.stream``) after the batches trained on in
+    this epoch; None at an epoch's start or for data that is not such a stream."""
+    loader = run.data.train_loader
+    if not hasattr(loader, "state_dict") or run.position["batch_in_epoch"] == 0:
+        return None
+    return loader.state_dict(batches=run.position["batch_in_epoch"])  # the loop pulls a batch ahead: not the last
+
+
+def load_stream_state(run: Run, state: dict | None) -> None:
+    """Continue the training stream at ``state`` (from :func:`stream_state`): nothing before it is decoded."""
+    if state is not None and hasattr(run.data.train_loader, "load_state_dict"):
+        or_exit(run.data.train_loader.load_state_dict, state)
+
+
 def save_checkpoint(run: Run) -> Path:
     out = Path(run.accelerator.save_state())
     state = {
         "position": dict(run.position),
         "sampler": run.task.sampler.state_dict(),
         "num_skipped": run.data.train_loader.num_skipped,
+        "stream": stream_state(run),
     }
     torch.save(state, out / f"train_state_{run.accelerator.process_index}.pt")
     run.accelerator.wait_for_everyone()
@@ -443,6 +502,7 @@ def resume(run: Run) -> None:
             run.position = state["position"]
             run.task.sampler.load_state_dict(state["sampler"])
             run.data.train_loader.num_skipped = state["num_skipped"]
+            load_stream_state(run, state.get("stream"))
             accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
             run.say(f"resumed from {ckpt} at epoch {run.position['epoch']}, step {run.position['step']}")
             run.resumed = True
@@ -551,9 +611,11 @@ def train(run: Run) -> tuple[dict | None, bool]:
             break
         train_loader.set_epoch(epoch)
         skip = position["batch_in_epoch"]
+        # streams of timm_icl.stream continue from their loaded position (set_epoch keeps it): nothing to skip
+        positioned = hasattr(train_loader, "load_state_dict")
         if skip and train_loader.batch_sampler is not None:
             train_loader.batch_sampler.skip_batches(skip)  # map-style: resume at the exact batch
-        elif skip:
+        elif skip and not positioned:
             run.say(f"streamed data: skipping {skip} batches to resume (the shuffle buffer is not restored)")
         images_per_step = args.batch_size * args.grad_accum_steps * world
         bar = tqdm(
@@ -570,7 +632,7 @@ def train(run: Run) -> tuple[dict | None, bool]:
         window = torch.zeros(4, device=device)
         micro = 0
         batches = lockstep(run, train_loader)
-        if skip and train_loader.batch_sampler is None:
+        if skip and train_loader.batch_sampler is None and not positioned:
             for _ in zip(range(skip), batches, strict=False):
                 pass
         for (images, labels), weight, is_last in batches:

@@ -102,3 +102,41 @@ def test_main_runs_the_whole_job_in_process_with_ema(tmp_path):
         torch.testing.assert_close(value, ema[name])
     ema_eval = json.loads((out / "eval_ema.json").read_text())
     assert ema_eval["summary"]["clean"] == val[-1]["val_ema/clean"]
+
+
+def test_init_checkpoint_with_another_head_says_what_to_do(tmp_path):
+    from safetensors.torch import save_file
+
+    source = timm.create_model("vgg_tiny", num_classes=7)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    args = train_icl.parse_settings(["--model", "vgg_tiny", "--init-checkpoint", str(weights), "--num-classes", "4"])
+    model, _, _ = train_icl.create_model(args)  # a fresh 4-class head, the rest from the checkpoint
+    assert model.num_classes == 4
+    for name, value in source.state_dict().items():
+        if not name.startswith("head.fc."):
+            torch.testing.assert_close(model.state_dict()[name], value)
+
+    args = train_icl.parse_settings(["--model", "vgg_tiny", "--init-checkpoint", str(weights)])
+    with pytest.raises(SystemExit) as e:  # vgg_tiny's default 10 classes vs the checkpoint's 7
+        train_icl.create_model(args)
+    assert "head.fc" in str(e.value) and "checkpoint [7] vs model [10]" in str(e.value)
+    assert "pass --num-classes" in str(e.value)
+
+    args = train_icl.parse_settings(["--model", "vgg_tiny", "--init-checkpoint", str(weights), "--num-classes", "7"])
+    model, _, _ = train_icl.create_model(args)
+    with pytest.raises(SystemExit) as e:  # a dataset of 4 classes
+        train_icl.fit_head(args, model, 4, print)
+    assert "--num-classes 4" in str(e.value)
+
+    args = train_icl.parse_settings(["--model", "test_resnet", "--init-checkpoint", str(weights)])
+    with pytest.raises(SystemExit) as e:
+        train_icl.create_model(args)
+    message = str(e.value)
+    assert "does not fit the model" in message and "missing key(s)" in message and "\n" not in message
+
+    (tmp_path / "w.pt").write_bytes(b"not safetensors")
+    args = train_icl.parse_settings(["--model", "vgg_tiny", "--init-checkpoint", str(tmp_path / "w.pt")])
+    with pytest.raises(SystemExit) as e:
+        train_icl.create_model(args)
+    assert "not a readable safetensors file" in str(e.value)
