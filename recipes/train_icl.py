@@ -594,12 +594,28 @@ def lockstep(run: Run, loader):
         batch, alive = following, alive_next
 
 
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """A label outside the head (a stream whose classes were not all known at start, an unlabelled split with -1)
+    ends the run with one line. ``labels`` is the CPU batch: the check costs no device sync."""
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        sys.exit(f"error: the training data has label {low}: an unlabelled split? (ImageNet's test split has none)")
+    if high >= num_classes:
+        sys.exit(
+            f"error: the training data has label {high} but the model predicts {num_classes} classes: "
+            f"pass --num-classes {high + 1} (or more)"
+        )
+
+
 def train(run: Run) -> tuple[dict | None, bool]:
     """The loop, from ``run.position`` to the end. Returns ``(last validation results, stopped_by_signal)``."""
     args, accelerator, task, student = run.args, run.accelerator, run.task, run.student
     optimizer, scheduler, steps_per_epoch = run.opt.optimizer, run.opt.scheduler, run.opt.steps_per_epoch
     train_loader, position, device = run.data.train_loader, run.position, accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
+    num_classes = task.get_eval_model().num_classes
     task.train()
     results = None
     stopped = False
@@ -636,6 +652,7 @@ def train(run: Run) -> tuple[dict | None, bool]:
             for _ in zip(range(skip), batches, strict=False):
                 pass
         for (images, labels), weight, is_last in batches:
+            check_labels(labels, num_classes)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if args.channels_last:
