@@ -42,7 +42,7 @@ import torch
 
 import timm_icl
 from timm_icl import ICLTask, parse_distortions
-from timm_icl._fashion_mnist import fashion_mnist_root, load_fashion_mnist, local_files_available
+from timm_icl.fashion_mnist import fashion_mnist_root, load_fashion_mnist, local_files_available
 from timm_icl.results import paired_z_test
 
 

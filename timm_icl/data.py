@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from . import _fashion_mnist
+from . import fashion_mnist as _fashion_mnist
 from .preprocess import ImageTransform, _scale_size, open_image, resolve_preprocessing
 
 _logger = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
 from .results import canonical_json, format_table, json_safe, plot_accuracy_vs_sigma
 
 __all__ = [
@@ -338,7 +339,7 @@ def render_model_card(
     model_name = icl.get("model_name") or folder.resolve().name
     dataset = icl.get("dataset")
     dataset_name = {"fashion-mnist": "Fashion-MNIST"}.get(dataset or "", dataset or "evaluation set")
-    dataset_id = "zalando-datasets/fashion_mnist" if dataset == "fashion-mnist" else dataset
+    dataset_id = FASHION_MNIST_HUB_ID if dataset == "fashion-mnist" else dataset
     base_model = icl.get("base_model")
     if base_model and base_model.startswith("hf-hub:"):
         base_model = base_model[len("hf-hub:") :]

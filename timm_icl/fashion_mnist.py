@@ -1,8 +1,13 @@
-"""Fashion-MNIST from the local IDX files (offline), as uint8 arrays.
+"""Fashion-MNIST from the local IDX files (offline), as uint8 arrays: the reader behind ``--dataset fashion-mnist``.
 
 The IDX format is a big-endian header (magic, dimension sizes) followed by raw uint8 data; the files
 ship gzipped. Environment default: ``/usr/share/datasets/fashion-mnist`` (override with
-``TIMM_ICL_FASHION_MNIST``). The same data is ``zalando-datasets/fashion_mnist`` on the Hub.
+``TIMM_ICL_FASHION_MNIST``). The same data is :data:`HUB_ID` (``zalando-datasets/fashion_mnist``) on the Hub.
+
+Example:
+    >>> from timm_icl.fashion_mnist import load_fashion_mnist, local_files_available
+    >>> if local_files_available("test"):
+    ...     images, labels = load_fashion_mnist("test")     # uint8 [10000, 28, 28], int64 [10000]
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
+
+__all__ = ["load_fashion_mnist", "local_files_available", "fashion_mnist_root", "CLASS_NAMES", "HUB_ID", "DEFAULT_ROOT"]
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 HUB_ID = "zalando-datasets/fashion_mnist"
