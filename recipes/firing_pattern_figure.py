@@ -35,7 +35,7 @@ def main() -> None:
     info = ImageNetInfo()
     names = [info.index_to_description(i).split(",")[0] for i in range(1000)]
     model = create_efficientnet_lite0()
-    photos = torch.stack([load_photo(n) for n in PHOTOS])
+    photos = torch.stack([load_photo(n, model) for n in PHOTOS])  # timm's eval crop of this model
     gen = torch.Generator().manual_seed(0)
     rows = {}
     with torch.no_grad():

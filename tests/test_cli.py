@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import timm_icl  # noqa: F401
 from timm_icl.cli import main
@@ -92,6 +94,26 @@ def test_eval_run_folder_on_fashion_mnist(run_dir, tmp_path):
     assert lines[2].startswith(f"| {run_dir.name} | ")
     res = load_results(out)  # per-image correctness is stored as packed bits
     assert res["conditions"]["clean"]["count"] == 40 and len(res["per_image"]["noise60"]) == 40
+    assert res["split"] == "test"  # Fashion-MNIST has no validation split
+    pre = res["preprocessing"]  # the exported model's own eval view: vgg_tiny's 28 px, crop 1.0, bilinear
+    assert pre["input_size"] == [3, 28, 28] and pre["crop_pct"] == 1.0 and pre["interpolation"] == "bilinear"
+
+
+def test_eval_defaults_to_validation_split_and_takes_crop_flags(tmp_path, capsys):
+    for split, value in (("train", 0), ("validation", 60), ("test", 120)):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            Image.fromarray(np.full((40, 30, 3), value, np.uint8)).save(tmp_path / "data" / split / cls / "0.png")
+    out = tmp_path / "res.json"
+    args = ["eval", "vgg_tiny", "--no-pretrained", "--num-classes", "2", "--dataset", tmp_path / "data"]
+    assert main([*map(str, args), "--distortions", "noise:10", "--crop-pct", "0.875", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "split validation; crop 28x28, crop_pct 0.875, bilinear, center" in err
+    res = load_results(out)
+    assert res["split"] == "validation" and res["num_samples"] == 2 and res["preprocessing"]["crop_pct"] == 0.875
+    assert main([*map(str, args), "--split", "test", "--interpolation", "bicubic", "-q", "-o", str(out)]) == 0
+    res = load_results(out)
+    assert res["split"] == "test" and res["preprocessing"]["interpolation"] == "bicubic"
 
 
 def test_compare_table_with_intervals_and_mcnemar(tmp_path):

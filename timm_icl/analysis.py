@@ -15,16 +15,16 @@ from torch import nn
 
 from .capture import run_until_captured
 from .layers import default_layers
+from .preprocess import normalize, preprocess_image, resolve_preprocessing, to_unit_float
 
 __all__ = ["firing_agreement", "normalize_for", "load_photo"]
 
 
 def normalize_for(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Normalise ``[B, C, H, W]`` images in [0, 1] with ``model.pretrained_cfg`` mean/std."""
-    cfg = model.pretrained_cfg
-    mean = torch.tensor(cfg["mean"], device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"], device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images - mean) / std
+    """Normalise ``[B, C, H, W]`` images (uint8, or float in [0, 1]) with ``model.pretrained_cfg`` mean/std."""
+    from .evaluate import resolve_mean_std
+
+    return normalize(images, *resolve_mean_std(model))
 
 
 @torch.no_grad()
@@ -59,24 +59,23 @@ def firing_agreement(
     return out
 
 
-def load_photo(name: str, image_size: int = 224, resize: int = 256) -> torch.Tensor:
+def load_photo(
+    name: str,
+    model: nn.Module | None = None,
+    *,
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> torch.Tensor:
     """A real photograph shipped with scikit-image (``"chelsea"``, ``"coffee"``, ``"astronaut"``, ``"rocket"``)
-    preprocessed as ImageNet evaluation does: shorter side to ``resize`` (bicubic), centre crop ``image_size``.
+    cropped as timm evaluates ``model`` (:func:`timm_icl.preprocess.preprocess_image`; without a model timm's
+    defaults: 224 px, crop 0.875 (resize 256), bicubic).
 
     Returns:
-        float ``[3, image_size, image_size]`` in [0, 1].
+        float ``[3, H, W]`` in [0, 1] (timm's pixels / 255), ready for a distortion.
     """
-    from PIL import Image
     from skimage import data as skimage_data
-    from torchvision.transforms import v2
 
-    img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
-    tf = v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
-    return tf(img).clamp(0, 1)
+    photo = getattr(skimage_data, name)()
+    config = resolve_preprocessing(model, image_size=image_size, crop_pct=crop_pct, interpolation=interpolation)
+    return to_unit_float(preprocess_image(photo, config=config))

@@ -86,10 +86,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except ImportError:
         raise ValueError("timm_icl.data is not available in this installation; cannot read datasets") from None
     from .conditions import parse_distortions
+    from .preprocess import resolve_preprocessing
 
     distortions = parse_distortions(args.distortions)  # fail on a typo before loading model and data
     model = _create_model(args.model, pretrained=not args.no_pretrained, num_classes=args.num_classes)
-    image_size = args.image_size or tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+    # the model's own eval view (an exported model: what its training used, from config.json), overridable
+    data_config = resolve_preprocessing(
+        model, image_size=args.image_size, crop_pct=args.crop_pct, interpolation=args.interpolation
+    )
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch` / torchrun: shard, sum counts
         from accelerate import Accelerator
@@ -98,10 +102,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
-    loader, info = create_loader(
-        args.dataset,
-        args.split,
-        image_size=image_size,
+    loader_kwargs = dict(
+        data_config=data_config,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         max_samples=args.max_samples,
@@ -111,6 +113,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         rank=rank,
         world_size=world,
     )
+    split = args.split
+    if split is None:  # validation when the dataset has one (ImageNet's test split has no labels), else test
+        split = "test" if _is_fashion_mnist(args.dataset) else "validation"
+        try:
+            loader, info = create_loader(args.dataset, split, **loader_kwargs)
+        except ValueError as e:
+            if "has no split" not in str(e):
+                raise
+            split = "test"
+            loader, info = create_loader(args.dataset, split, **loader_kwargs)
+    else:
+        loader, info = create_loader(args.dataset, split, **loader_kwargs)
+    if rank == 0 and not args.quiet:
+        size = "x".join(str(s) for s in data_config["input_size"][1:])
+        print(
+            f"split {info['split']}; crop {size}, crop_pct {data_config['crop_pct']:g}, "
+            f"{data_config['interpolation']}, {data_config['crop_mode']}",
+            file=sys.stderr,
+        )
     if info.get("num_classes") and info["num_classes"] > model.num_classes:
         raise ValueError(
             f"the dataset has {info['num_classes']} classes but the model predicts {model.num_classes}; "
@@ -136,7 +157,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     name = args.name or _display_name(args.model)
-    results.update(model=args.model, name=name, dataset=args.dataset, split=args.split)
+    results.update(model=args.model, name=name, dataset=args.dataset, split=info["split"])
+    results["preprocessing"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
     print(format_table({name: results}))
     if args.output:
         save_results(results, args.output)
@@ -145,6 +167,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         plot_accuracy_vs_sigma({name: results}, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
+
+
+def _is_fashion_mnist(dataset: str) -> bool:
+    return dataset.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
 
 
 def _display_name(model: str) -> str:
@@ -182,26 +208,20 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # distort
 # ---------------------------------------------------------------------------------------------------------------------
-def _load_image(path: str, size: int):
-    import torch
-    from PIL import Image, UnidentifiedImageError
+def _load_image(path: str, size: int, crop_pct: float = 1.0, interpolation: str = "bicubic"):
+    """``[1, 3, size, size]`` float in [0, 1]: timm's eval crop (:mod:`timm_icl.preprocess`) of an image file."""
+    from PIL import UnidentifiedImageError
 
+    from .preprocess import preprocess_image, resolve_preprocessing, to_unit_float
+
+    config = resolve_preprocessing(None, image_size=size, crop_pct=crop_pct, interpolation=interpolation)
     try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        crop = preprocess_image(path, config=config)
     except FileNotFoundError:
         raise ValueError(f"no such image file: {path}") from None
     except UnidentifiedImageError:
         raise ValueError(f"{path} is not an image PIL can read") from None
-    # resize the shorter side to `size`, then centre-crop a square, as evaluation does
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    return data.permute(2, 0, 1).float().div(255).unsqueeze(0)
+    return to_unit_float(crop).unsqueeze(0)
 
 
 def _cmd_distort(args: argparse.Namespace) -> int:
@@ -216,7 +236,7 @@ def _cmd_distort(args: argparse.Namespace) -> int:
     except ImportError:
         raise ValueError("the grid needs matplotlib: pip install 'timm-icl[plot]'") from None
     distortions = parse_distortions(args.distortions)
-    image = _load_image(args.image, args.size)
+    image = _load_image(args.image, args.size, args.crop_pct, args.interpolation)
     kinds = distortions.kinds()
     ncols = 1 + max(len(distortions.of_kind(k)) for k in kinds)
     fig, axes = plt.subplots(len(kinds), ncols, figsize=(2.1 * ncols, 2.6 * len(kinds)), squeeze=False)
@@ -307,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="timm name, hf-hub:ORG/NAME, local-dir:PATH, or a recipe run folder")
     p.add_argument("--dataset", required=True, help="fashion-mnist, a Hub dataset id, or a local folder/parquet path")
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--split", default=None, help="default: validation when the dataset has one, else test (printed on stderr)"
+    )
     p.add_argument(
         "--distortions", default="paper", help="'paper', 'imagenet-c', 'small' (28 px), or e.g. 'noise:20,40 blur:2,4'"
     )
@@ -315,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
+    p.add_argument(
+        "--crop-pct", type=float, default=None, help="resize to size/crop_pct, centre crop; default: the model's"
+    )
+    p.add_argument("--interpolation", default=None, help="bilinear, bicubic, ...; default: the model's")
     p.add_argument("--image-column", default=None)
     p.add_argument("--label-column", default=None)
     p.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
@@ -357,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="distortions.png")
     p.add_argument("--distortions", default="paper")
     p.add_argument("--size", type=int, default=224, help="resize shorter side and centre-crop to SIZE px")
+    p.add_argument("--crop-pct", type=float, default=1.0, help="resize the shorter side to SIZE/CROP_PCT first")
+    p.add_argument("--interpolation", default="bicubic")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_distort)
 

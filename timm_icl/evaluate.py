@@ -1,9 +1,9 @@
 """Robustness evaluation: top-1/top-5 on clean images and on every condition of a distortion set.
 
-Each batch is decoded once by the loader (clean, float ``[B, 3, H, W]`` in [0, 1]); every condition
-(clean, each noise sigma, each blur sigma) is then applied to it on the model's device, the result is
-normalised with the model's mean/std and classified. Nothing about the images is cached between
-conditions, so memory stays at one batch.
+Each batch is decoded once by the loader (clean uint8 ``[B, 3, H, W]``, or float in [0, 1]); on the model's
+device it becomes float in [0, 1], every condition (clean, each noise sigma, each blur sigma) is applied to it,
+the result is normalised with the model's mean/std (:func:`timm_icl.preprocess.normalize`) and classified.
+Nothing about the images is cached between conditions, so memory stays at one batch.
 
 Reproducibility: the noise added to an image depends only on ``(seed, condition, image position)``
 (see :func:`noise_seed`), not on the batch size, so two runs, or runs with different batch sizes,
@@ -26,6 +26,7 @@ from torch import nn
 
 from .conditions import Distortion, DistortionSet, parse_distortions
 from .distortions import gaussian_noise
+from .preprocess import check_unit_range, normalize, to_unit_float
 from .results import summarize
 
 __all__ = [
@@ -141,7 +142,8 @@ def evaluate_robustness(
 
     Args:
         model: any classifier ``[B, 3, H, W] -> [B, num_classes]`` logits (a timm model); put in eval mode here.
-        loader: yields ``(images [B, 3, H, W] float in [0, 1], not normalised, labels [B] long)``.
+        loader: yields ``(images [B, 3, H, W], labels [B] long)``, images uint8 (0-255) or float in [0, 1], not
+            normalised (batches with no images are skipped).
         distortions: a distortion set or its text (``None``/``"paper"``: the paper's ten conditions;
             ``"imagenet-c"``; ``"small"``). Clean is always evaluated first.
         mean, std: normalisation (default: the model's ``pretrained_cfg``).
@@ -171,9 +173,7 @@ def evaluate_robustness(
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
-    mean_t, std_t = resolve_mean_std(model, mean, std)
-    mean_t = torch.tensor(mean_t, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std_t, device=device).view(1, -1, 1, 1)
+    mean_t, std_t = (torch.tensor(v, device=device) for v in resolve_mean_std(model, mean, std))
 
     was_training = model.training
     model.eval()
@@ -192,16 +192,20 @@ def evaluate_robustness(
     try:
         for batch in iterator:
             images, labels = _unpack(batch)
-            images = images.to(device, non_blocking=True).float()
-            labels = labels.to(device, non_blocking=True).long()
             if images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
+            if images.shape[0] == 0:
+                continue
+            if seen == 0:
+                check_unit_range(images, "evaluate_robustness")  # float batches: once, one sync
+            images = to_unit_float(images.to(device, non_blocking=True)).float()
+            labels = labels.to(device, non_blocking=True).long()
             positions = [(seen + i) * world + rank for i in range(images.shape[0])]
             for ci, condition in enumerate(conditions):
                 x = distort(
                     images, condition, seed=seed, condition_index=ci, image_indices=positions, generator=generator
                 )
-                x = (x - mean_t) / std_t
+                x = normalize(x, mean_t, std_t)
                 if accelerator is not None:
                     with accelerator.autocast():  # a fresh context manager each time: they are single-use
                         logits = model(x)
