@@ -478,7 +478,7 @@ def save_checkpoint(run: Run) -> Path:
     out = Path(run.accelerator.save_state())
     state = {
         "position": dict(run.position),
-        "sampler": run.task.sampler.state_dict(),
+        "task": run.task.get_task_state(),
         "num_skipped": run.data.train_loader.num_skipped,
         "stream": stream_state(run),
     }
@@ -500,7 +500,7 @@ def resume(run: Run) -> None:
             accelerator.load_state(str(ckpt))
             state = torch.load(ckpt / f"train_state_{rank}.pt", weights_only=False)
             run.position = state["position"]
-            run.task.sampler.load_state_dict(state["sampler"])
+            run.task.load_task_state(state["task"])
             run.data.train_loader.num_skipped = state["num_skipped"]
             load_stream_state(run, state.get("stream"))
             accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1

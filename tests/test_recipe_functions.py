@@ -151,3 +151,18 @@ def test_labels_outside_the_head_end_the_run_with_one_line():
     with pytest.raises(SystemExit) as e:
         train_icl.check_labels(torch.tensor([-1, 2]), 10)
     assert "unlabelled split" in str(e.value)
+
+
+def test_task_state_round_trips_the_sampler():
+    from timm_icl import ICLTask
+
+    task = ICLTask(timm.create_model("vgg_tiny"), constraint="none", distortions="noise:30 blur:1", seed=3)
+    task.sampler.sample(5)
+    state = task.get_task_state()
+    expected = task.sampler.sample(7)
+    other = ICLTask(timm.create_model("vgg_tiny"), constraint="none", distortions="noise:30 blur:1", seed=99)
+    other.load_task_state(state)
+    for a, b in zip(other.sampler.sample(7), expected):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        other.load_task_state(None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from timm.task import TrainingTask
@@ -173,6 +174,20 @@ class ICLTask(TrainingTask):
         if module is None:
             module = self.get_trainable_module(ema=ema)
         return unwrap_model(module)
+
+    def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict[str, Any]:
+        """State the task owns outside the model's weights: the distortion sampler's generators (per process)."""
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_task_state(
+        self, state: dict[str, Any] | None, strict: bool = True, module: nn.Module | None = None, ema: bool = False
+    ) -> None:
+        """Restore :meth:`get_task_state`, so a resumed run draws the same conditions and noise."""
+        if state is None:
+            if strict:
+                raise ValueError("no task state to load (a checkpoint without the sampler's state?)")
+            return
+        self.sampler.load_state_dict(state["sampler"])
 
     # -- the computation --------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
