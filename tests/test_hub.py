@@ -209,6 +209,60 @@ def test_transformers_pipeline_agrees_with_timm(trained, exported):
         assert predicted in (str(timm_top1), f"LABEL_{timm_top1}", hf_model.config.id2label[timm_top1])
 
 
+def test_export_records_training_preprocessing_and_round_trips(tmp_path):
+    """A model trained at 40 px, crop 0.8, bicubic exports that view: timm, transformers and timm-icl all use it."""
+    transformers = pytest.importorskip("transformers")
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from timm_icl.preprocess import ImageTransform, normalize, resolve_preprocessing
+
+    torch.manual_seed(0)
+    model = timm.create_model("vgg_tiny", num_classes=10).eval()  # its own config: 28 px, crop 1.0, bilinear
+    data_config = resolve_preprocessing(model, image_size=40, crop_pct=0.8, interpolation="bicubic")
+    folder = export_model(model, tmp_path / "model", data_config=data_config, dataset="fashion-mnist")
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    resolved = timm.data.resolve_data_config({}, model=loaded)
+    assert resolved["input_size"] == (3, 40, 40) and resolved["crop_pct"] == 0.8
+    assert resolved["interpolation"] == "bicubic" and resolved["crop_mode"] == "center"
+    assert resolve_preprocessing(loaded) == data_config  # what `timm-icl eval RUN` crops with
+    card = (folder / "README.md").read_text()
+    assert "resize the shorter side to 50 px (bicubic), then centre-crop 40x40 (crop_pct 0.8)" in card
+
+    transform = timm.data.create_transform(**resolved)
+    ours = ImageTransform(data_config)
+    classifier = transformers.pipeline("image-classification", model=str(folder), device="cpu")
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        image = Image.fromarray(getattr(skimage_data, name)())
+        x = transform(image.convert("RGB"))
+        crop = ours(image)  # uint8; timm's Normalize(ToTensor(crop)) is our device-side normalize, bit for bit
+        assert torch.equal(normalize(crop[None], resolved["mean"], resolved["std"])[0], x)
+        with torch.no_grad():
+            timm_top1 = int(loaded(x.unsqueeze(0)).argmax())
+        predicted = classifier(image, top_k=1)[0]["label"]
+        assert predicted in (str(timm_top1), f"LABEL_{timm_top1}", classifier.model.config.id2label[timm_top1])
+
+
+def test_card_metadata_is_what_ran(trained, tmp_path):
+    model, results = trained
+    config = {**ICL_CONFIG, "epochs": 40, "steps": 3, "epochs_completed": 0.25}
+    local = export_model(model, tmp_path / "local", icl_config=config, results=results, dataset=str(tmp_path))
+    card = ModelCard.load(local / "README.md")
+    assert card.data.datasets is None and not card.data.eval_results  # a local path is not a Hub dataset id
+    assert str(tmp_path) not in (local / "README.md").read_text().split("---")[1]  # not in the metadata block
+    assert json.loads((local / "config.json").read_text())["icl"]["dataset"] == str(tmp_path)  # kept there
+    assert "| training length | 3 steps, 0.25 epochs completed (of 40 planned) |" in card.text
+    assert "| epochs |" not in card.text and "| steps |" not in card.text
+
+    hub = export_model(
+        model, tmp_path / "hub", icl_config=config, results={**results, "split": "validation"}, dataset="org/images"
+    )
+    card = ModelCard.load(hub / "README.md")
+    assert card.data.datasets == ["org/images"]
+    assert {r.dataset_split for r in card.data.eval_results} == {"validation"}
+    assert {r.dataset_type for r in card.data.eval_results} == {"org/images"}
+
+
 def test_push_retries_transient_errors_in_process(exported, monkeypatch):
     import huggingface_hub.constants as hf_constants
 

@@ -205,6 +205,7 @@ def export_model(
     base_model: str | None = None,
     license: str | None = None,  # noqa: A002  (the Hub's metadata key)
     label_names: list[str] | None = None,
+    data_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as a folder that ``timm.create_model("local-dir:<out_dir>", pretrained=True)`` loads.
 
@@ -222,6 +223,11 @@ def export_model(
         base_model: the model fine-tuned from, e.g. ``"timm/vgg16.tv_in1k"``.
         license: licence id of these weights (e.g. ``"apache-2.0"``); also written to the pretrained config.
         label_names: class names, index = class id (written to config.json for pipelines).
+        data_config: the preprocessing training and evaluation used (``input_size``, ``crop_pct``, ``crop_mode``,
+            ``interpolation``, ``mean``, ``std``: :func:`~timm_icl.preprocess.resolve_preprocessing`, or a loader's
+            ``info["data_config"]``), written to config.json's ``pretrained_cfg`` so that ``resolve_data_config``
+            of the loaded model, transformers' image processor and ``timm-icl eval`` see the same crops. None keeps
+            the model's own ``pretrained_cfg`` values.
 
     Returns:
         The folder path.
@@ -254,7 +260,9 @@ def export_model(
         if len(label_names) != model.num_classes:
             raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes")
         model_config["label_names"] = list(label_names)
-    save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True)
+    if data_config is not None:  # timm's own path: also drops the source's test_input_size / test_crop_pct
+        data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items() if v is not None}
+    save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True, data_config=data_config)
 
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
@@ -271,6 +279,7 @@ def export_model(
         if value is not None or key not in icl:
             icl[key] = value if value is not None else icl.get(key)
     icl["model_name"] = model_name or icl.get("model_name") or final.resolve().name
+    icl["dataset_hub_id"] = hub_dataset_id(icl.get("dataset"))  # decided here, where a local path exists
     config["icl"] = icl
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     if os.environ.get(KILL_DURING_EXPORT_ENV) == "1":  # testing: a kill with new weights + config, old card
@@ -299,10 +308,10 @@ def _eval_results(results: Mapping[str, Any], dataset: str | None, dataset_name:
         common = dict(
             task_type="image-classification",
             task_name="Image Classification",
-            dataset_type=dataset or "unknown",
+            dataset_type=dataset,
             dataset_name=f"{dataset_name} ({name})",
             dataset_config=name,
-            dataset_split="test",
+            dataset_split=results.get("split"),  # the split that was evaluated (None: not recorded)
             dataset_args={"distortion": cond["kind"], "sigma": cond["sigma"]},
         )
         out.append(
@@ -339,7 +348,8 @@ def render_model_card(
     model_name = icl.get("model_name") or folder.resolve().name
     dataset = icl.get("dataset")
     dataset_name = {"fashion-mnist": "Fashion-MNIST"}.get(dataset or "", dataset or "evaluation set")
-    dataset_id = FASHION_MNIST_HUB_ID if dataset == "fashion-mnist" else dataset
+    # a Hub dataset id or nothing: a local path stays in config.json's icl block, never in the metadata
+    dataset_id = icl["dataset_hub_id"] if "dataset_hub_id" in icl else hub_dataset_id(dataset)
     base_model = icl.get("base_model")
     if base_model and base_model.startswith("hf-hub:"):
         base_model = base_model[len("hf-hub:") :]
@@ -354,15 +364,18 @@ def render_model_card(
         library_name="timm",
         model_name=model_name,
         base_model=base_model if base_model and "/" in base_model else None,
-        datasets=[dataset_id] if dataset_id and "/" in dataset_id else None,
+        datasets=[dataset_id] if dataset_id else None,
         license=icl.get("license") or config.get("pretrained_cfg", {}).get("license"),
         pipeline_tag="image-classification",
         tags=tags,
         metrics=["accuracy"] if results else None,
-        eval_results=_eval_results(results, dataset_id, dataset_name) if results else None,
+        eval_results=_eval_results(results, dataset_id, dataset_name) if results and dataset_id else None,
     )
-    hp_keys = [k for k in icl if k not in ("model_name", "dataset", "base_model", "license", "method")]
-    hyperparameters = [("method", method)] + [(k, _format_value(icl[k])) for k in hp_keys]
+    length_keys = ("epochs", "steps", "epochs_completed")
+    skip = ("model_name", "dataset", "dataset_hub_id", "base_model", "license", "method", *length_keys)
+    hyperparameters = [("method", method)] + [(k, _format_value(v)) for k, v in icl.items() if k not in skip]
+    if any(k in icl for k in length_keys):
+        hyperparameters.append(("training length", _training_length(icl)))
     pcfg = config.get("pretrained_cfg", {})
     input_size = pcfg.get("input_size", [3, 224, 224])
     eval_text = ""
@@ -400,6 +413,7 @@ def render_model_card(
         hub_id=repo_id or str(shown_as or folder),
         transformers_ok=transformers_ok,
         input_size=f"{input_size[1]}x{input_size[2]}",
+        preprocessing_text=_preprocessing_text(pcfg),
         mean=_format_value(pcfg.get("mean")),
         std=_format_value(pcfg.get("std")),
         results_table=format_table({model_name: results}) if results else "",
@@ -407,6 +421,57 @@ def render_model_card(
         plot=PLOT_NAME if (folder / PLOT_NAME).exists() else None,
     )
     return str(card)
+
+
+def hub_dataset_id(dataset: str | None) -> str | None:
+    """The Hub id of a dataset spec (``"fashion-mnist"`` -> ``zalando-datasets/fashion_mnist``), None for a local
+    path or anything that is not ``owner/name``."""
+    import re
+
+    if not dataset:
+        return None
+    if dataset.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):
+        return FASHION_MNIST_HUB_ID
+    if dataset.startswith(("/", ".", "~")) or Path(dataset).expanduser().exists():
+        return None
+    return dataset if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset) else None
+
+
+def _training_length(icl: Mapping[str, Any]) -> str:
+    """What ran: ``"120 steps, 3 epochs completed (of 40 planned)"``."""
+    parts = []
+    if icl.get("steps") is not None:
+        parts.append(f"{icl['steps']} steps")
+    done, planned = icl.get("epochs_completed"), icl.get("epochs")
+    if done is not None:
+        parts.append(f"{_format_value(done)} epochs completed" + (f" (of {planned} planned)" if planned else ""))
+    elif planned is not None:
+        parts.append(f"{planned} epochs planned")
+    return ", ".join(parts)
+
+
+def _preprocessing_text(pcfg: Mapping[str, Any]) -> str:
+    """The eval view of config.json's pretrained_cfg, in words (timm's ``create_transform`` reads the same keys)."""
+    import math
+
+    h, w = pcfg.get("input_size", [3, 224, 224])[-2:]
+    crop_pct = float(pcfg.get("crop_pct") or 0.875)
+    interpolation = pcfg.get("interpolation") or "bicubic"
+    mode = pcfg.get("crop_mode") or "center"
+    scale = [math.floor(s / crop_pct) for s in (h, w)]
+    if mode == "center":
+        geometry = (
+            f"resize the shorter side to {max(scale)} px ({interpolation}), then centre-crop {h}x{w} "
+            f"(crop_pct {crop_pct:g})"
+        )
+    elif mode == "squash":
+        geometry = f"resize to {scale[0]}x{scale[1]} px ({interpolation}, aspect not kept), then centre-crop {h}x{w}"
+    else:
+        geometry = f"resize the longer side to {max(scale)} px ({interpolation}), then pad/crop to {h}x{w}"
+    return (
+        f"{geometry}; scale to [0, 1]; normalise with mean {_format_value(pcfg.get('mean'))} and std "
+        f"{_format_value(pcfg.get('std'))}"
+    )
 
 
 def _hub_id_of_timm_name(name: str) -> str | None:
