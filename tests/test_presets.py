@@ -85,4 +85,43 @@ def test_candidate_layers_marks_default_and_gives_shapes():
     by_name = {r["layer"]: r for r in rows}
     assert by_name["pre_logits.fc1"]["default"] and by_name["pre_logits.fc2"]["default"]
     assert by_name["pre_logits.fc1"]["shape"] == [256, 1, 1] and by_name["pre_logits.fc1"]["units"] == 256
-    assert by_name["features.1:input"]["shape"] == [16, 28, 28] and not by_name["features.1:input"]["default"]
+    assert by_name["features.0"]["shape"] == [16, 28, 28] and not by_name["features.0"]["default"]
+
+
+def test_candidate_layers_list_each_tensor_once():
+    # Swin: mlp.fc1's output is mlp.act's input; the list used to show both names for one tensor
+    model = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    names = [r["layer"] for r in candidate_layers(model, input_size=(3, 224, 224))]
+    assert "layers.3.blocks.0.mlp.fc1" in names and "layers.3.blocks.0.mlp.act:input" not in names
+    assert len(names) == len(set(names))
+    # vgg_tiny: the conv's output feeds the ReLU: listed under the conv's name; the preset is kept as is
+    rows = candidate_layers(timm.create_model("vgg_tiny"))
+    assert [r["layer"] for r in rows] == ["features.0", "features.3", "features.6", "features.8"] + [
+        "pre_logits.fc1",
+        "pre_logits.fc2",
+    ]
+    assert [r["layer"] for r in rows if r["default"]] == default_layers(timm.create_model("vgg_tiny"))
+
+
+def test_layers_hint_pasted_into_the_recipe_runs(capsys):
+    import sys
+    from pathlib import Path
+
+    from timm_icl.cli import main as cli_main
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import train_icl
+
+    assert cli_main(["layers", "test_resnet", "--input-size", "3", "32", "32"]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert hint.startswith("* default preset (ResNet): --layers ")
+    flag, value = hint.split(": ", 1)[1].split(" ")  # one value, as the recipe parses it
+    args = train_icl.parse_settings(
+        ["--model", "test_resnet", "--no-pretrained", flag, value, "--distortions", "small"]
+    )
+    model = timm.create_model("test_resnet", num_classes=5)
+    task = train_icl.create_task(args, model, 0, torch.device("cpu"))
+    assert list(task.layers) == value.split(",") == default_layers(model)
+    torch.manual_seed(0)
+    out = task(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 5, (4,)))
+    assert torch.isfinite(out["loss"]) and out["constraint_loss"] > 0

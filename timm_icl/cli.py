@@ -199,9 +199,10 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         print(f"{mark} {r['layer']:<{width}}  {str(list(r['shape'])):<18} {r['units']:>9}")
     defaults = [r["layer"] for r in rows if r["default"]]
     if defaults:
-        print(f"\n* default preset ({type(model).__name__}): --layers {' '.join(defaults)}")
+        # the recipe's form (recipes/train_icl.py --layers takes one comma-separated value)
+        print(f"\n* default preset ({type(model).__name__}): --layers {','.join(defaults)}")
     else:
-        print(f"\nno preset for {type(model).__name__}: choose deep layers above and pass them with --layers")
+        print(f"\nno preset for {type(model).__name__}: choose deep layers above and pass them as --layers a,b")
     return 0
 
 

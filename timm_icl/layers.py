@@ -115,7 +115,9 @@ def candidate_layers(model: nn.Module, input_size: tuple[int, int, int] | None =
 
     Candidates are the inputs of activation modules (``name:input``) and the outputs of modules that an
     activation follows in ``named_modules`` order (convs/linears such as ``mlp.fc1``). Shapes come from
-    one forward pass of a zero image at ``input_size`` (default: the model's pretrained config).
+    one forward pass of a zero image at ``input_size`` (default: the model's pretrained config). Specs that
+    capture the same tensor (``mlp.fc1`` and ``mlp.act:input``) are listed once: the default preset's spec,
+    else the module's output name.
 
     Returns:
         list of ``{"layer": spec, "shape": [C, ...], "units": int, "default": bool}``.
@@ -146,9 +148,17 @@ def candidate_layers(model: nn.Module, input_size: tuple[int, int, int] | None =
     with torch.no_grad(), capture_preactivations(model, specs, transform=lambda t: t[0:1].detach()) as acts:
         model(torch.zeros(1, *input_size, device=device))
     model.train(was_training)
-    out = []
+    # one tensor, one row: the hook's views share the captured tensor's storage, so equal (pointer, shape, stride)
+    # means the same tensor reached two hooks (a linear's output is the next activation's input)
+    same: dict[tuple, list[str]] = {}
     for spec in specs:
         if spec in acts:
+            t = acts[spec]
+            same.setdefault((t.data_ptr(), tuple(t.shape), t.stride()), []).append(spec)
+    keep = {min(group, key=lambda s: (s not in defaults, s.endswith(INPUT_SUFFIX))) for group in same.values()}
+    out = []
+    for spec in specs:
+        if spec in keep:
             shape = list(acts[spec].shape[1:])
             out.append(
                 {"layer": spec, "shape": shape, "units": int(torch.Size(shape).numel()), "default": spec in defaults}
