@@ -4,7 +4,7 @@ The exported folder holds::
 
     config.json              timm's config (``save_for_hf``) + an ``"icl"`` block: method, lambda, alpha, layers, ...
     model.safetensors        the student's weights (no pickle ``.bin``)
-    README.md                the model card from ``model_cards/template.md`` (model-index: one result per condition)
+    README.md                the model card from ``timm_icl/model_cards/template.md`` (model-index: a result each)
     eval_results.json        the evaluation numbers (without per-image lists), when given
     accuracy_vs_sigma.png    accuracy against distortion strength, when results are given
 
@@ -43,24 +43,11 @@ __all__ = [
     "render_model_card",
     "HubError",
     "resolve_model_folder",
-    "TEMPLATE_PATH",
+    "card_template",
 ]
 
 _logger = logging.getLogger(__name__)
 
-#: The card template (Jinja2, rendered by huggingface_hub's ``ModelCard.from_template``): ``model_cards/`` of the
-#: source tree (editable installs), else the copy a wheel installs under ``<prefix>/share/timm-icl/model_cards``.
-TEMPLATE_PATH = next(
-    (
-        p
-        for p in (
-            Path(__file__).resolve().parent.parent / "model_cards" / "template.md",
-            Path(sys.prefix) / "share" / "timm-icl" / "model_cards" / "template.md",
-        )
-        if p.is_file()
-    ),
-    Path(__file__).resolve().parent.parent / "model_cards" / "template.md",
-)
 RESULTS_NAME = "eval_results.json"
 PLOT_NAME = "accuracy_vs_sigma.png"
 _EXPORTED = ("config.json", "model.safetensors", "README.md", RESULTS_NAME, PLOT_NAME)
@@ -99,16 +86,6 @@ class HubError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------------------------------
-def _plain_model(model: nn.Module) -> nn.Module:
-    """The timm model inside an ICLTask / DDP / torch.compile wrapper."""
-    if hasattr(model, "get_eval_model") and callable(model.get_eval_model):
-        model = model.get_eval_model()
-    for attr in ("module", "_orig_mod"):
-        while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
-            model = getattr(model, attr)
-    return model
-
-
 def _strip_per_image(results: Mapping[str, Any]) -> dict:
     return {k: v for k, v in results.items() if k != "per_image"}
 
@@ -236,8 +213,11 @@ def export_model(
         ValueError: a weight tensor holds NaN or infinite values (names the tensors), or no ``pretrained_cfg``.
     """
     from timm.models import save_for_hf
+    from timm.utils import unwrap_model
 
-    model = _plain_model(model)
+    if callable(getattr(model, "get_eval_model", None)):  # an ICLTask: its student (or its EMA)
+        model = model.get_eval_model()
+    model = unwrap_model(model)  # DDP / torch.compile wrappers
     if not getattr(model, "pretrained_cfg", None):
         raise ValueError(
             "the model has no pretrained_cfg (built by hand?); "
@@ -339,8 +319,6 @@ def render_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    if not TEMPLATE_PATH.is_file():
-        raise FileNotFoundError(f"model card template not found at {TEMPLATE_PATH}; reinstall timm-icl")
     config = json.loads((folder / "config.json").read_text())
     icl = config.get("icl", {})
     results_path = folder / RESULTS_NAME
@@ -388,7 +366,7 @@ def render_model_card(
     load_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{shown_as or folder}"
     card = ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATE_PATH),
+        template_str=card_template(),
         model_name=model_name,
         summary=f"A `{config.get('architecture')}` image classifier ({config.get('num_classes')} classes) "
         f"made robust to noise and blur.",
@@ -474,6 +452,17 @@ def _preprocessing_text(pcfg: Mapping[str, Any]) -> str:
     )
 
 
+def card_template() -> str:
+    """The model card template (Jinja2, rendered by huggingface_hub's ``ModelCard.from_template``), package data
+    of timm_icl: ``timm_icl/model_cards/template.md``, read with ``importlib.resources`` (wheels, zips, editable)."""
+    from importlib import resources
+
+    try:
+        return resources.files("timm_icl").joinpath("model_cards", "template.md").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError("timm_icl/model_cards/template.md is missing: reinstall timm-icl") from None
+
+
 def _hub_id_of_timm_name(name: str) -> str | None:
     """The Hub repository of a timm pretrained tag (``"vgg16"`` -> ``"timm/vgg16.tv_in1k"``), if timm knows one."""
     try:
@@ -509,14 +498,6 @@ def resolve_model_folder(path: str | Path) -> Path:
     )
 
 
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -532,6 +513,7 @@ def push_to_hub(
     private: bool = False,
     commit_message: str | None = None,
     retries: int = 3,
+    is_main_process: bool = True,
 ) -> str | None:
     """Upload an exported folder to the Hub (main process only), re-rendering its card for ``repo_id`` first.
 
@@ -546,9 +528,11 @@ def push_to_hub(
         private: create the repository as private (if it does not exist yet).
         commit_message: default ``"Upload <model_name> (timm-icl)"``.
         retries: attempts on transient failures (connection errors, HTTP 429/5xx), with 1, 2, 4 ... s back-off.
+        is_main_process: whether this process uploads; in a multi-process job pass e.g.
+            ``accelerator.is_main_process`` (the caller knows; the library does not guess from the environment).
 
     Returns:
-        The commit URL, or ``None`` on non-main processes.
+        The commit URL, or ``None`` when ``is_main_process`` is False.
 
     Raises:
         HubError: offline mode, not authorised, or the Hub kept failing; the local folder is left intact.
@@ -556,7 +540,7 @@ def push_to_hub(
     """
     folder = resolve_model_folder(folder)
     _check_repo_id(repo_id)
-    if not _is_main_process():
+    if not is_main_process:
         return None
     _check_finite_folder(folder, repo_id)
     if _offline():
