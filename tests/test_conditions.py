@@ -28,7 +28,7 @@ def test_parse_paper_set_round_trip():
     "text, message",
     [
         ("noise20", "cannot parse"),
-        ("jpeg:10", "unknown distortion kind"),
+        ("fog:10", "unknown distortion kind"),
         ("blur:two", "not a number"),
         ("noise:20,20", "duplicate"),
         ("blur:-1", ">= 0"),

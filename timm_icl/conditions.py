@@ -1,9 +1,21 @@
-"""Distortion conditions, sets of them parsed from text, and the per-image sampler used in training.
+"""Distortions by name (a registry), conditions, sets of them parsed from text, and the per-image sampler.
 
-A *condition* is one (kind, sigma) pair, e.g. ``noise:20`` or ``blur:2``. A *distortion set* is an
-ordered list of conditions, written as text::
+A *distortion* is a registered function (:func:`register_distortion`)::
+
+    fn(images [B, C, H, W] float in [0, 1], severity [B] float tensor, generator) -> images [B, C, H, W]
+
+batched, on the images' device, with one severity per image. The paper's two are ``noise`` (Gaussian, sigma in
+0-255 pixel units) and ``blur`` (Gaussian, sigma in pixels); :mod:`timm_icl.corruptions` adds ImageNet-C's camera
+corruptions (``shot_noise``, ``impulse_noise``, ``defocus_blur``, ``motion_blur``, ``zoom_blur``, ``brightness``,
+``contrast``, ``pixelate``, ``jpeg``: severity = ImageNet-C level 1-5) and ``jpeg_quality`` (a JPEG quality 1-100).
+A function registered by the user works everywhere a built-in one does: in text sets, the training sampler
+(:class:`ICLTask`, the recipe's ``--distortions``), evaluation (per-image seeded when ``random=True``) and the CLI.
+
+A *condition* is one (kind, severity) pair, e.g. ``noise:20``, ``blur:2`` or ``jpeg:3`` (the field is called
+``sigma`` for the paper's sake). A *distortion set* is an ordered list of conditions, written as text::
 
     "noise:20,40,60,80,100 blur:2,4,6,8,10"        # the paper's ten conditions (the default)
+    "shot_noise:1,3,5 jpeg_quality:20,50"          # any registered names; a bare name takes its default severities
 
 Evaluation runs every condition of a set (plus clean); training draws one condition per image.
 """
@@ -11,32 +23,179 @@ Evaluation runs every condition of a set (plus clean); training draws one condit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from . import corruptions as _corruptions
 from .distortions import gaussian_blur, gaussian_noise
 
 __all__ = [
     "Distortion",
     "DistortionSet",
     "DistortionSampler",
+    "DistortionSpec",
     "apply_distortions",
     "parse_distortions",
+    "register_distortion",
+    "unregister_distortion",
+    "get_distortion",
+    "distortion_names",
     "PAPER_DISTORTIONS",
     "IMAGENET_C_DISTORTIONS",
+    "IMAGENET_C_10",
     "SMALL_IMAGE_DISTORTIONS",
     "KINDS",
 ]
 
-#: Kinds understood by :func:`apply_distortions`; index 0 is "clean" (no distortion).
+#: The paper's kinds, the first three entries of :func:`distortion_names` (index 0 is "clean": no distortion).
 KINDS = ("clean", "noise", "blur")
+
+DistortionFn = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DistortionSpec:
+    """A registered distortion: its function and what its severities mean (see :func:`register_distortion`)."""
+
+    name: str
+    fn: DistortionFn
+    severities: tuple[float, ...]
+    minimum: float = 0.0
+    maximum: float = math.inf
+    integer: bool = False
+    random: bool = False
+    whole_batch: bool = False
+    unit: str = ""
+    family: str = ""
+    hint: str = ""
+
+    def check(self, severity: float) -> None:
+        """Raise a one-line ``ValueError`` unless ``severity`` is a valid severity of this distortion."""
+        ok = math.isfinite(severity) and self.minimum <= severity <= self.maximum
+        if ok and self.integer:
+            ok = float(severity).is_integer()
+        if not ok:
+            if self.integer:
+                rule = f"an integer in [{self.minimum:g}, {self.maximum:g}]"
+            elif math.isinf(self.maximum):
+                rule = f"finite and >= {self.minimum:g}"
+            else:
+                rule = f"in [{self.minimum:g}, {self.maximum:g}]"
+            unit = f" ({self.unit})" if self.unit else ""
+            raise ValueError(f"{self.name} sigma must be {rule}{unit}, got {severity}{self.hint}")
+
+
+_REGISTRY: dict[str, DistortionSpec] = {}
+_NAME = re.compile(r"[a-z][a-z0-9_]*[a-z_]|[a-z]")
+
+
+def register_distortion(
+    name: str,
+    fn: DistortionFn,
+    *,
+    severities: Sequence[float],
+    minimum: float = 0.0,
+    maximum: float = math.inf,
+    integer: bool = False,
+    random: bool = False,
+    whole_batch: bool = False,
+    unit: str = "",
+    family: str | None = None,
+    hint: str = "",
+    overwrite: bool = False,
+) -> DistortionSpec:
+    """Make ``fn`` usable by name in distortion sets, the training sampler, evaluation and the CLI.
+
+    Args:
+        name: lowercase letters, digits and ``_``, not ending in a digit (condition names append the severity:
+            ``shot_noise3``).
+        fn: ``fn(images, severity, generator) -> images``: ``images [B, C, H, W]`` float in [0, 1] on any device,
+            ``severity [B]`` float tensor (one per image), ``generator`` a ``torch.Generator`` on the images'
+            device or ``None``; returns ``[B, C, H, W]``, same dtype and device. Draw randomness from
+            ``generator`` only: that is what makes training resumable and evaluation reproducible.
+        severities: default severities, used when a set names the distortion without values (``"jpeg"``).
+        minimum, maximum, integer: the valid severities (checked when a condition is made).
+        random: ``fn`` uses the generator. Evaluation then seeds each image on its own
+            (:func:`timm_icl.evaluate.noise_seed`), so results do not depend on the batch size.
+        whole_batch: the training sampler calls ``fn`` on the whole batch (severity 0 on images of other kinds,
+            which must be accepted, results discarded) instead of on the images of this kind only, so the random
+            stream does not depend on which images drew it (the paper's ``noise``).
+        unit: what the severity means, for messages and plots (``"sigma, pixels"``).
+        family: group for plots and tables (``"noise"``, ``"blur"``, ``"weather"``, ``"digital"``); default ``name``.
+        hint: appended to the error for an invalid severity.
+        overwrite: replace an existing registration of ``name`` (otherwise an error).
+
+    Returns:
+        The :class:`DistortionSpec` stored.
+
+    Example:
+        >>> def invert(images, severity, generator=None):
+        ...     return torch.lerp(images, 1 - images, severity.to(images).view(-1, 1, 1, 1))
+        >>> _ = register_distortion("invert", invert, severities=(0.5, 1.0), maximum=1.0)
+        >>> parse_distortions("invert:0.5,1 noise:20").to_text()
+        'invert:0.5,1 noise:20'
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"distortion name {name!r} must be lowercase letters, digits and '_', start with a letter and not end "
+            "in a digit"
+        )
+    if not callable(fn):
+        raise TypeError(f"distortion {name!r}: fn must be callable fn(images, severity, generator), got {fn!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"distortion {name!r} is already registered; pass overwrite=True to replace it")
+    if name in KINDS and name in _REGISTRY:
+        raise ValueError(f"the built-in distortion {name!r} cannot be replaced")
+    spec = DistortionSpec(
+        name=name,
+        fn=fn,
+        severities=tuple(float(s) for s in severities),
+        minimum=float(minimum),
+        maximum=float(maximum),
+        integer=bool(integer),
+        random=bool(random),
+        whole_batch=bool(whole_batch),
+        unit=unit,
+        family=family or name,
+        hint=hint,
+    )
+    for s in spec.severities:
+        spec.check(s)
+    _REGISTRY[name] = spec
+    return spec
+
+
+def unregister_distortion(name: str) -> None:
+    """Remove a user-registered distortion (built-ins stay). Kind indices of later registrations shift: make
+    samplers after the registry settles."""
+    if name in KINDS or name in _BUILTINS:
+        raise ValueError(f"the built-in distortion {name!r} cannot be removed")
+    _REGISTRY.pop(name, None)
+
+
+def get_distortion(name: str) -> DistortionSpec:
+    """The registered :class:`DistortionSpec` of ``name``; a one-line error listing the registered names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown distortion kind {name!r}; registered: {', '.join(_REGISTRY)} (add one with register_distortion)"
+        ) from None
+
+
+def distortion_names() -> tuple[str, ...]:
+    """Registered names in registration order: ``("clean", "noise", "blur", ...)``; the index of a name is the
+    ``kinds`` code of :func:`apply_distortions` and :class:`DistortionSampler`."""
+    return tuple(_REGISTRY)
 
 
 @dataclass(frozen=True)
 class Distortion:
-    """One condition: ``kind`` in {"clean", "noise", "blur"}; ``sigma`` in 0-255 units (noise) or pixels (blur).
+    """One condition: a registered ``kind`` and its severity ``sigma`` (0-255 units for noise, pixels for blur,
+    ImageNet-C level 1-5 for the camera corruptions; the kind's ``unit``).
 
     ``kernel_size`` (blur only) overrides the paper's ``4*sigma - 1``.
     """
@@ -46,33 +205,56 @@ class Distortion:
     kernel_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown distortion kind {self.kind!r}; expected one of {', '.join(KINDS)}")
-        if not math.isfinite(self.sigma) or self.sigma < 0:
-            raise ValueError(f"{self.kind} sigma must be finite and >= 0, got {self.sigma}")
+        spec = get_distortion(self.kind)
+        if self.kind != "clean":
+            spec.check(self.sigma)
         if self.kernel_size is not None and (self.kind != "blur" or self.kernel_size < 1 or self.kernel_size % 2 == 0):
             raise ValueError(f"kernel_size applies to blur only and must be odd and >= 1, got {self.kernel_size}")
 
     @property
     def name(self) -> str:
-        """Short name used as a column key: ``clean``, ``noise20``, ``blur2``, ``blur2.5``."""
+        """Short name used as a column key: ``clean``, ``noise20``, ``blur2``, ``blur2.5``, ``jpeg3``."""
         if self.kind == "clean":
             return "clean"
         return f"{self.kind}{self.sigma:g}"
 
+    @property
+    def severity(self) -> float:
+        """The severity, in the kind's unit (the same number as ``sigma``)."""
+        return self.sigma
+
+    @property
+    def random(self) -> bool:
+        """Whether the kind draws random numbers (evaluation then seeds each image on its own)."""
+        return get_distortion(self.kind).random
+
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Apply this condition to a batch ``[B, C, H, W]`` in [0, 1]."""
-        if self.kind == "noise":
-            return gaussian_noise(images, self.sigma, generator=generator)
-        if self.kind == "blur":
+        if self.kind == "clean":
+            return images
+        if self.kind == "blur" and self.kernel_size is not None:
             return gaussian_blur(images, self.sigma, self.kernel_size)
-        return images
+        severity = torch.full((images.shape[0],), float(self.sigma), dtype=torch.float64, device=images.device)
+        return _call(get_distortion(self.kind), images, severity, generator)
+
+
+def _call(spec: DistortionSpec, images: torch.Tensor, severity: torch.Tensor, generator, **kwargs) -> torch.Tensor:
+    out = spec.fn(images, severity, generator, **kwargs)
+    if not isinstance(out, torch.Tensor) or out.shape != images.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"distortion {spec.name!r} returned {got} for images of shape {tuple(images.shape)}")
+    return out
+
+
+_NAMED_SETS_HELP = "'paper', 'imagenet-c', 'imagenet-c-10', 'small'"
 
 
 def parse_distortions(text: str | Iterable[Distortion] | DistortionSet | None) -> DistortionSet:
-    """Parse ``"noise:20,40 blur:2,4"`` (space- or semicolon-separated groups ``kind:s1,s2,...``).
+    """Parse ``"noise:20,40 blur:2,4 jpeg:1,3"`` (space- or semicolon-separated groups ``kind:s1,s2,...`` of
+    registered kinds; a bare kind takes its default severities).
 
     ``None`` or ``"paper"`` gives the paper's set; ``"imagenet-c"`` the ImageNet-C noise/blur set;
+    ``"imagenet-c-10"`` the ten ImageNet-C corruptions implemented here, 5 levels each (:data:`IMAGENET_C_10`);
     ``"small"`` (alias ``"28px"``, ``"fashion-mnist"``) the set scaled for 28 px images.
     """
     if text is None:
@@ -86,17 +268,31 @@ def parse_distortions(text: str | Iterable[Distortion] | DistortionSet | None) -
         return PAPER_DISTORTIONS
     if key in ("imagenet-c", "imagenet_c", "imagenetc"):
         return IMAGENET_C_DISTORTIONS
+    if key in ("imagenet-c-10", "imagenet_c_10"):
+        return IMAGENET_C_10
+    if key in ("imagenet-c-15", "imagenet_c_15", "imagenet-c-all"):
+        raise ValueError(
+            "imagenet-c-15 needs glass_blur, snow, frost, fog and elastic_transform, which timm-icl does not render; "
+            "use 'imagenet-c-10' (the other ten of the fifteen, 5 levels each)"
+        )
     if key in ("small", "28px", "fashion-mnist"):
         return SMALL_IMAGE_DISTORTIONS
     conditions: list[Distortion] = []
     for group in key.replace(";", " ").split():
         kind, sep, values = group.partition(":")
+        if not sep and kind in _REGISTRY and kind != "clean":
+            conditions += [Distortion(kind, s) for s in _REGISTRY[kind].severities]
+            continue
         if not sep or not values:
             raise ValueError(
-                f"cannot parse distortion group {group!r} in {text!r}; write groups like 'noise:20,40 blur:2,4'"
+                f"cannot parse distortion group {group!r} in {text!r}; write groups like 'noise:20,40 blur:2,4' "
+                f"or a set: {_NAMED_SETS_HELP}"
             )
-        if kind not in ("noise", "blur"):
-            raise ValueError(f"unknown distortion kind {kind!r} in {text!r}; use 'noise' or 'blur'")
+        if kind not in _REGISTRY or kind == "clean":
+            raise ValueError(
+                f"unknown distortion kind {kind!r} in {text!r}; registered: "
+                f"{', '.join(n for n in _REGISTRY if n != 'clean')}"
+            )
         for value in values.split(","):
             try:
                 sigma = float(value)
@@ -149,6 +345,53 @@ class DistortionSet(Sequence):
         return " ".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# built-in distortions (registered at import, before the sets below are built)
+# ---------------------------------------------------------------------------------------------------------------------
+def _identity(images: torch.Tensor, severity: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return images
+
+
+def _noise(
+    images: torch.Tensor, severity: torch.Tensor, generator: torch.Generator | None = None, clamp: bool = True
+) -> torch.Tensor:
+    return gaussian_noise(images, severity, generator=generator, clamp=clamp)
+
+
+def _blur(images: torch.Tensor, severity: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return gaussian_blur(images, severity)
+
+
+register_distortion("clean", _identity, severities=(0.0,), maximum=0.0, family="clean")
+register_distortion(
+    "noise", _noise, severities=(20, 40, 60, 80, 100), random=True, whole_batch=True, unit="0-255 pixel units"
+)
+register_distortion("blur", _blur, severities=(2, 4, 6, 8, 10), unit="pixels")
+_LEVEL = dict(severities=(1, 2, 3, 4, 5), minimum=1, maximum=5, integer=True, unit="ImageNet-C level")
+register_distortion("shot_noise", _corruptions.shot_noise, random=True, family="noise", **_LEVEL)
+register_distortion("impulse_noise", _corruptions.impulse_noise, random=True, family="noise", **_LEVEL)
+register_distortion("defocus_blur", _corruptions.defocus_blur, family="blur", **_LEVEL)
+register_distortion("motion_blur", _corruptions.motion_blur, random=True, family="blur", **_LEVEL)
+register_distortion("zoom_blur", _corruptions.zoom_blur, family="blur", **_LEVEL)
+register_distortion("brightness", _corruptions.brightness, family="weather", **_LEVEL)
+register_distortion("contrast", _corruptions.contrast, family="digital", **_LEVEL)
+register_distortion("pixelate", _corruptions.pixelate, family="digital", **_LEVEL)
+register_distortion(
+    "jpeg", _corruptions.jpeg, family="digital", hint="; for a JPEG quality write jpeg_quality:QUALITY", **_LEVEL
+)
+register_distortion(
+    "jpeg_quality",
+    _corruptions.jpeg_quality,
+    severities=(25, 18, 15, 10, 7),
+    minimum=1,
+    maximum=100,
+    integer=True,
+    unit="JPEG quality",
+    family="digital",
+)
+_BUILTINS = frozenset(_REGISTRY)
+
+
 PAPER_DISTORTIONS = DistortionSet(
     [Distortion("noise", s) for s in (20, 40, 60, 80, 100)] + [Distortion("blur", s) for s in (2, 4, 6, 8, 10)]
 )
@@ -172,6 +415,28 @@ SMALL_IMAGE_DISTORTIONS = DistortionSet(
 )
 
 
+# The ImageNet-C corruptions rendered here (10 of its 15; glass_blur, snow, frost, fog and elastic_transform are
+# not), 5 levels each, in ImageNet-C's order. Gaussian noise is the paper's "noise" at ImageNet-C's std x 255.
+IMAGENET_C_10 = DistortionSet(
+    [Distortion("noise", round(c * 255, 4)) for c in _corruptions.IMAGENET_C_PARAMETERS["gaussian_noise"]]
+    + [
+        Distortion(kind, level)
+        for kind in (
+            "shot_noise",
+            "impulse_noise",
+            "defocus_blur",
+            "motion_blur",
+            "zoom_blur",
+            "brightness",
+            "contrast",
+            "pixelate",
+            "jpeg",
+        )
+        for level in (1, 2, 3, 4, 5)
+    ]
+)
+
+
 def apply_distortions(
     images: torch.Tensor,
     kinds: torch.Tensor,
@@ -184,27 +449,36 @@ def apply_distortions(
 
     Args:
         images: ``[B, C, H, W]`` in [0, 1].
-        kinds: ``[B]`` integer index into :data:`KINDS` (0 clean, 1 noise, 2 blur).
-        sigmas: ``[B]`` float sigma per image (0-255 units for noise, pixels for blur).
-        generator: generator on the images' device for the noise.
-        clamp: clamp noisy images to [0, 1].
+        kinds: ``[B]`` integer index into :func:`distortion_names` (0 clean, 1 noise, 2 blur, then the others).
+        sigmas: ``[B]`` float severity per image, in each kind's unit (0-255 for noise, pixels for blur, ...).
+        generator: generator on the images' device for the random kinds.
+        clamp: clamp noisy images (kind ``noise``) to [0, 1].
 
     Returns:
         ``[B, C, H, W]`` distorted images (clean ones are returned unchanged).
+
+    Kinds are applied in registry order, each to its own images (one call per kind present), except kinds
+    registered ``whole_batch`` (``noise``): drawn for the whole batch, so that the stream of random numbers does
+    not depend on which images happen to be noisy (a fixed seed gives a fixed noise field per batch slot).
     """
     out = images
-    noise_mask = kinds == KINDS.index("noise")
-    blur_mask = kinds == KINDS.index("blur")
-    if noise_mask.any():
-        # Noise is drawn for the whole batch so that the stream of random numbers does not depend on
-        # which images happen to be noisy: a fixed seed gives a fixed noise field per batch slot.
-        noise_sigma = torch.where(noise_mask, sigmas, torch.zeros_like(sigmas))
-        noisy = gaussian_noise(images, noise_sigma, generator=generator, clamp=clamp)
-        out = torch.where(noise_mask.view(-1, 1, 1, 1).to(images.device), noisy, out)
-    if blur_mask.any():
-        idx = blur_mask.nonzero().view(-1).to(images.device)
-        blurred = gaussian_blur(images.index_select(0, idx), sigmas[blur_mask].cpu())
-        out = out.index_copy(0, idx, blurred)
+    names = distortion_names()
+    for code in torch.unique(kinds).tolist():
+        if code == 0:
+            continue
+        if not 0 < code < len(names):
+            raise ValueError(f"kind code {code} is not a registered distortion (0-{len(names) - 1})")
+        spec = _REGISTRY[names[code]]
+        mask = kinds == code
+        extra = {"clamp": False} if spec.name == "noise" and not clamp else {}
+        if spec.whole_batch:
+            severity = torch.where(mask, sigmas, torch.zeros_like(sigmas))
+            distorted = _call(spec, images, severity, generator, **extra)
+            out = torch.where(mask.view(-1, 1, 1, 1).to(images.device), distorted, out)
+        else:
+            idx = mask.nonzero().view(-1).to(images.device)
+            distorted = _call(spec, images.index_select(0, idx), sigmas[mask], generator, **extra)
+            out = out.index_copy(0, idx, distorted)
     return out
 
 
@@ -238,7 +512,7 @@ class DistortionSampler:
         self.clean_fraction = float(clean_fraction)
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
-        kind_index = [KINDS.index(c.kind) for c in self.distortions]
+        kind_index = [distortion_names().index(c.kind) for c in self.distortions]
         self._kinds = torch.tensor(kind_index, dtype=torch.long)
         self._sigmas = torch.tensor([c.sigma for c in self.distortions], dtype=torch.float32)
 

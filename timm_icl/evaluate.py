@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from .conditions import Distortion, DistortionSet, parse_distortions
-from .distortions import gaussian_noise
 from .preprocess import check_unit_range, normalize, to_unit_float
 from .results import summarize
 
@@ -73,11 +72,12 @@ def distort(
     image_indices: Sequence[int] | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Apply one condition to a clean batch with per-image seeded noise.
+    """Apply one condition to a clean batch, each image of a random kind (noise, shot_noise, motion_blur, a user's
+    ``random=True`` distortion) with its own seeded generator.
 
     Args:
         images: ``[B, C, H, W]`` float in [0, 1], on any device.
-        condition: the condition; blur and clean are deterministic.
+        condition: the condition; non-random kinds (blur, jpeg, ..., clean) are applied to the whole batch at once.
         seed, condition_index: see :func:`noise_seed`.
         image_indices: ``[B]`` stream positions of the images (default ``0..B-1``).
         generator: a reusable generator on ``images.device`` (one is created when missing).
@@ -85,7 +85,7 @@ def distort(
     Returns:
         ``[B, C, H, W]`` distorted images, same dtype and device.
     """
-    if condition.kind != "noise":
+    if not condition.random:
         return condition(images)
     if image_indices is None:
         image_indices = range(images.shape[0])
@@ -93,9 +93,7 @@ def distort(
         generator = torch.Generator(device=images.device)
     # One seed per image: the noise field of an image does not depend on the batch it came in.
     noisy = [
-        gaussian_noise(
-            images[i : i + 1], condition.sigma, generator=generator.manual_seed(noise_seed(seed, condition_index, j))
-        )
+        condition(images[i : i + 1], generator=generator.manual_seed(noise_seed(seed, condition_index, j)))
         for i, j in enumerate(int(j) for j in image_indices)
     ]
     return torch.cat(noisy) if noisy else images.clone()
