@@ -4,7 +4,8 @@
 EfficientNet-PyTorch key names (``_conv_stem.weight``, ``_blocks.0...``, ``_fc.weight``). Its 296 tensors
 map one to one, in order and with equal shapes, onto timm's ``tf_efficientnet_lite0``. With timm's data
 config for that model (mean = std = 0.5, bicubic, crop 0.875) the result classifies real photos correctly,
-which makes it the project's offline stand-in for "a real pretrained backbone".
+which makes it the project's offline stand-in for "a real pretrained backbone". An example, not part of the
+package: ``recipes/firing_pattern_figure.py`` and ``tests/test_real_weights.py`` import it from ``recipes/``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 the firing pattern of the deep pre-activations departs from the clean one as distortion grows, and the
 top-5 prediction degrades with it. This is the effect ICL fine-tuning counteracts."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +13,9 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from timm_icl import default_layers, gaussian_blur, gaussian_noise  # noqa: E402
 from timm_icl.analysis import firing_agreement, load_photo, normalize_for  # noqa: E402
-from timm_icl.offline_weights import create_efficientnet_lite0  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from offline_weights import create_efficientnet_lite0  # noqa: E402  (an example under recipes/, not the package)
 
 
 @pytest.fixture(scope="module")
