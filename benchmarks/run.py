@@ -456,20 +456,19 @@ def make_jpegs(folder: Path, count: int = 24) -> list[Path]:
     return paths
 
 
-def _pil_load(path, draft: bool, resize=256, crop=224):
-    from PIL import Image
+_TRANSFORMS: dict = {}
 
-    im = Image.open(path)
-    if draft:  # let libjpeg decode at 1/2, 1/4, 1/8 scale when that still leaves >= resize pixels
-        im.draft("RGB", (resize, resize))
-    im = im.convert("RGB")
-    w, h = im.size
-    s = resize / min(w, h)
-    im = im.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.Resampling.BILINEAR)
-    w, h = im.size
-    left, top = (w - crop) // 2, (h - crop) // 2
-    im = im.crop((left, top, left + crop, top + crop))
-    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(crop, crop, 3).permute(2, 0, 1)
+
+def _pil_load(path, draft: bool, resize=256, crop=224):
+    """The project's loader crop (timm_icl.preprocess: timm's eval transform, bilinear, uint8 out); ``draft`` lets
+    libjpeg decode at 1/2, 1/4, 1/8 scale when that still leaves >= ``resize`` pixels."""
+    from timm_icl.preprocess import ImageTransform, resolve_preprocessing
+
+    key = (draft, resize, crop)
+    if key not in _TRANSFORMS:
+        config = resolve_preprocessing(None, image_size=crop, crop_pct=crop / resize, interpolation="bilinear")
+        _TRANSFORMS[key] = ImageTransform(config, draft=draft)
+    return _TRANSFORMS[key](path)
 
 
 def _tv_load(path, resize=256, crop=224):
@@ -533,7 +532,7 @@ class _JpegDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return _pil_load(self.paths[i], False).float() / 255, i % 10
+        return _pil_load(self.paths[i], False), i % 10  # uint8, as the project's loaders yield it
 
 
 def bench_eval(repeats, folder: Path, device, model_name="mobilenetv3_small_050", batch=12) -> dict:
@@ -546,9 +545,9 @@ def bench_eval(repeats, folder: Path, device, model_name="mobilenetv3_small_050"
     model = timm.create_model(model_name, num_classes=10).to(device).eval()
     dset = parse_distortions("paper")
     conditions = [Distortion("clean")] + list(dset)
+    from timm_icl.preprocess import normalize, to_unit_float
+
     mean, std = resolve_mean_std(model, None, None) if _accepts3(resolve_mean_std) else resolve_mean_std(model)
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
     def loader():
         return torch.utils.data.DataLoader(_JpegDataset(paths), batch_size=batch)
@@ -561,13 +560,13 @@ def bench_eval(repeats, folder: Path, device, model_name="mobilenetv3_small_050"
         correct = 0
         for cond in conditions:  # every condition re-reads and re-decodes every JPEG
             for images, labels in loader():
-                images = images.to(device)
+                images = to_unit_float(images.to(device))
                 x = (
                     cond(images, generator=torch.Generator(device=device).manual_seed(0))
                     if cond.kind == "noise"
                     else cond(images)
                 )
-                correct += int((model((x - mean_t) / std_t).argmax(1) == labels.to(device)).sum())
+                correct += int((model(normalize(x, mean, std)).argmax(1) == labels.to(device)).sum())
         return correct
 
     timing = alternate({"eleven_passes": eleven_passes, "one_decode": one_decode}, repeats, device)

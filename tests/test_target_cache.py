@@ -125,3 +125,15 @@ def test_channels_last_reference_gives_the_same_targets():
     a = _task().reference_targets(images)
     b = _task(reference_channels_last=True).reference_targets(images)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_uint8_loader_batches_build_the_same_cache():
+    """Loaders yield uint8: the cache built from them equals the one built from the same images as float / 255."""
+    task = _task()
+    images8 = torch.randint(0, 256, (7, 3, 28, 28), dtype=torch.uint8)
+    ids = list(range(7))
+    from8 = TargetCache.build(task, _batches(images8, ids), preprocessing=PRE)
+    from_float = TargetCache.build(task, _batches(images8.float() / 255, ids), preprocessing=PRE)
+    for layer in task.layers:
+        assert torch.equal(from8.packed[layer], from_float.packed[layer])
+    assert from8.verify(task, ids[:4], images8[:4]) == 0.0

@@ -106,7 +106,8 @@ def cache_fingerprint(task, preprocessing: Mapping[str, Any] | None = None) -> d
     Args:
         task: an :class:`~timm_icl.task.ICLTask` with a reference (constraint ``icl`` or ``ab``).
         preprocessing: what produces the clean images the reference sees, e.g.
-            ``{"image_size": 224, "resize": 256, "crop": "center", "interpolation": "bilinear"}``.
+            ``{"image_size": 224, "resize": 256, "crop": "center", "interpolation": "bilinear"}``, or simply the
+            loader's data config (``info["data_config"]``: input_size, crop_pct, crop_mode, interpolation).
 
     Returns:
         ``{"weights": sha256, "layers": json, "preprocessing": json}`` (mean/std are part of preprocessing).
@@ -185,7 +186,8 @@ class TargetCache:
         *,
         preprocessing: Mapping[str, Any] | None = None,
     ) -> TargetCache:
-        """Run the task's reference once over ``batches`` of ``(ids, clean images [B, 3, H, W] in [0, 1])``.
+        """Run the task's reference once over ``batches`` of ``(ids, clean images [B, 3, H, W])``, uint8 as the
+        loaders yield them (or float in [0, 1]).
 
         The images must come from the deterministic preprocessing described by ``preprocessing`` (no
         random crop/flip): the bits are only valid for exactly those pixels.
