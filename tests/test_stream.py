@@ -136,3 +136,126 @@ def test_a_position_from_another_setup_is_refused(wds):
     epoch_ids(loader, 0, limit=2)
     with pytest.raises(ValueError, match="num_streams 1 -> 2"):
         make_loader(source, workers=2).load_state_dict(loader.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the recipe on a streamed wds: kill -9 mid-epoch, resume, the same samples and the same weights
+# ---------------------------------------------------------------------------------------------------------------------
+def _recipe_cmd(world: int) -> list[str]:
+    import socket
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "recipes" / "train_icl.py"
+    if world == 1:
+        return [sys.executable, str(script)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+            str(script)]  # fmt: skip
+
+
+def _env() -> dict:
+    import os
+
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
+def _max_step(metrics: Path) -> int:
+    if not metrics.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_recipe_killed_mid_epoch_resumes_the_stream_exactly(tmp_path, world):
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    # label = sample index (48 classes): the label sequence is the sample sequence
+    data = make_wds(tmp_path / "wds", n_shards=4, per_shard=12, num_classes=48, seed=1)
+    for s in range(4):  # relabel: cls = the sample's index
+        _relabel(data / "train" / f"imagenet1k-train-{s:04d}.tar", start=12 * s)
+    batch = 4 if world == 1 else 2  # 12 steps per epoch either way
+    args = ["--model", "vgg_tiny", "--no-pretrained", "--num-classes", "48", "--dataset", str(data), "--streaming",
+            "--val-split", "none", "--batch-size", str(batch), "--lr", "0.05", "--distortions", "noise:30,90 blur:1,2",
+            "--num-workers", "0", "--log-every", "1", "--epochs", "2", "--image-size", "32", "--sched", "constant",
+            "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "14", "--log-labels"]  # fmt: skip
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = subprocess.run([*_recipe_cmd(world), *args, "--output-dir", str(full)], env=_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # the same run, killed with SIGKILL after step 15 (checkpoint at step 14 = epoch 1, batch 2; the next is never)
+    p = subprocess.Popen([*_recipe_cmd(world), *args, "--output-dir", str(killed)], env=_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while _max_step(killed / "metrics.jsonl") < 15 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    _kill_tree(p.pid)  # the launcher and its workers (torch's launcher puts them in their own sessions)
+    p.wait()
+    assert not (killed / "model").exists(), "the run ended before it was killed"
+    proc = subprocess.run([*_recipe_cmd(world), *args, "--output-dir", str(killed), "--resume", "latest"],
+                          env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping" not in proc.stdout + proc.stderr  # no batches re-read to get there
+
+    labels = {}
+    for rank in range(world):
+        ref = [json.loads(x)["labels"] for x in (full / f"labels_rank{rank}.jsonl").read_text().splitlines()]
+        got = [json.loads(x)["labels"] for x in (killed / f"labels_rank{rank}.jsonl").read_text().splitlines()]
+        # the killed process wrote epoch 0; the resumed one epoch 1 from its 3rd batch on
+        assert got == [ref[0], ref[1][2 * batch :]] and len(ref[1]) == 12 * batch
+        labels[rank] = ref
+    for epoch in (0, 1):  # every sample once per epoch across the ranks, in another order each epoch
+        assert sorted(x for r in range(world) for x in labels[r][epoch]) == list(range(48))
+    assert labels[0][0] != labels[0][1]
+    a = load_file(str(full / "model" / "model.safetensors"))
+    b = load_file(str(killed / "model" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def _relabel(tar_path: Path, start: int) -> None:
+    members = []
+    with tarfile.open(tar_path) as tar:
+        for m in tar.getmembers():
+            members.append((m.name, tar.extractfile(m).read()))
+    keys = sorted({name.rsplit(".", 1)[0] for name, _ in members})
+    label = {k: start + i for i, k in enumerate(keys)}
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members:
+            key, ext = name.rsplit(".", 1)
+            if ext == "cls":
+                data = str(label[key]).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGSTOP ``pid`` and all its descendants (found in /proc), then SIGKILL them: nothing runs on in between."""
+    import os
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for proc in tree:
+            try:
+                os.kill(proc, sig)
+            except ProcessLookupError:
+                pass
