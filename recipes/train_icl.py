@@ -42,7 +42,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 import timm_icl
-from timm_icl import ICLTask, evaluate_robustness, parse_distortions
+from timm_icl import ICLTask, checkpoint, evaluate_robustness, parse_distortions
 from timm_icl.data import create_loader
 
 
@@ -154,13 +154,21 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("-c", "--config", default=None)
     config_args, remaining = config_parser.parse_known_args(argv)
+    original, from_config = {a.dest: a.default for a in parser._actions}, set()
     if config_args.config:
-        with open(config_args.config) as f:
-            defaults = yaml.safe_load(f) or {}
+        defaults = read_config(config_args.config)
+        from_config = set(defaults)
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(defaults) - known)
         if unknown:
             sys.exit(f"error: {config_args.config} names unknown options {unknown}")
+        for action in parser._actions:  # argparse converts a string default itself, with a usage screen on error
+            value = defaults.get(action.dest)
+            if isinstance(value, str) and action.type in (int, float):
+                try:
+                    action.type(value)
+                except ValueError:
+                    sys.exit(f"error: {action.dest} = {value!r} in {config_args.config} is not a number")
         parser.set_defaults(**defaults)
     args = parser.parse_args(remaining)
     args.config = config_args.config
@@ -176,7 +184,82 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
             sys.exit(f"error: {action.dest} = {value!r} is not one of {sorted(action.choices)}")
         if action.type in (int, float) and value is not None and not isinstance(value, int | float):
             sys.exit(f"error: {action.dest} = {value!r} is not a number")
+        if value is None and action.dest in from_config and original.get(action.dest) is not None:
+            sys.exit(f"error: {action.dest} is null in {args.config}: give a value or drop the key")
+    check_values(args)
     return args
+
+
+def read_config(path: str) -> dict:
+    """The YAML config's ``{option: value}``; a missing file or broken YAML ends the run with one line."""
+    if not Path(path).is_file():
+        sys.exit(f"error: config file {path} does not exist")
+    try:
+        defaults = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        sys.exit(f"error: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}")
+    if not isinstance(defaults, dict):
+        sys.exit(f"error: {path} must hold 'option: value' lines (a YAML mapping), not a {type(defaults).__name__}")
+    return defaults
+
+
+#: the lowest meaningful value of each numeric option, and whether it is allowed itself (lr 0 trains nothing)
+VALUE_LIMITS = {
+    "lr": (0, False),
+    "alpha": (0, False),
+    "epochs": (1, True),
+    "batch_size": (1, True),
+    "grad_accum_steps": (1, True),
+    "max_train_samples": (1, True),
+    "train_samples_per_epoch": (1, True),
+    "max_val_samples": (1, True),
+    "image_size": (1, True),
+    "max_steps": (1, True),
+    "log_every": (1, True),
+    "keep_checkpoints": (1, True),
+    "num_workers": (0, True),
+    "checkpoint_every_steps": (0, True),
+    "checkpoint_every_epochs": (0, True),
+    "constraint_weight": (0, True),
+    "margin": (0, True),
+    "clean_fraction": (0, True),
+    "weight_decay": (0, True),
+    "momentum": (0, True),
+    "clip_grad": (0, False),
+    "crop_pct": (0, False),
+    "warmup_epochs": (0, True),
+    "warmup_steps": (0, True),
+    "warmup_lr": (0, True),
+    "min_lr": (0, True),
+    "decay_epochs": (0, False),
+    "decay_rate": (0, False),
+    "smoothing": (0, True),
+    "model_ema_decay": (0, True),
+    "drop": (0, True),
+    "drop_path": (0, True),
+}
+VALUE_MAXIMA = {"clean_fraction": 1, "smoothing": 1, "model_ema_decay": 1, "drop": 1, "drop_path": 1}
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Refuse meaningless values (``--lr -0.1``, ``--epochs 0``, ``--alpha 0``, NaN, ...) and an ``--output-dir``
+    that is a file, each with one line."""
+    for dest, (low, inclusive) in VALUE_LIMITS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if not math.isfinite(value):
+            sys.exit(f"error: {flag} must be a finite number, got {value}")
+        if value < low or (value == low and not inclusive):
+            sys.exit(f"error: {flag} must be {'>=' if inclusive else '>'} {low}, got {value}")
+        if dest in VALUE_MAXIMA and value > VALUE_MAXIMA[dest]:
+            sys.exit(f"error: {flag} must be <= {VALUE_MAXIMA[dest]}, got {value}")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        sys.exit(f"error: --output-dir {output_dir} is a file; the run folder must be a folder")
 
 
 def or_exit(fn, *fn_args, **fn_kwargs):
@@ -190,10 +273,29 @@ def or_exit(fn, *fn_args, **fn_kwargs):
 # ---------------------------------------------------------------------------------------------------------------------
 # accelerate: one process per device; checkpoints named checkpoints/checkpoint_<i>, newest N kept
 # ---------------------------------------------------------------------------------------------------------------------
+def check_push(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """``--push-to-hub``: the repo id, offline mode and the token's write access are checked before training (on the
+    main process; every rank stops when it fails)."""
+    if not args.push_to_hub:
+        return
+    problem = ""
+    if accelerator.is_main_process:
+        from timm_icl.hub import HubError, validate_push
+
+        try:
+            validate_push(args.push_to_hub)
+        except (ValueError, HubError) as e:
+            problem = str(e).splitlines()[0]
+    failed = bool(problem)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor([float(failed)], device=accelerator.device), "sum").item() > 0
+    if failed:
+        sys.exit(f"error: --push-to-hub: {problem}" if problem else 1)
+
+
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
-    project = ProjectConfiguration(
-        project_dir=str(args.output_dir), automatic_checkpoint_naming=True, total_limit=max(1, args.keep_checkpoints)
-    )
+    # checkpoints are named, written atomically and rotated by timm_icl.checkpoint, not by accelerate
+    project = ProjectConfiguration(project_dir=str(args.output_dir), automatic_checkpoint_naming=False)
     accelerator = Accelerator(
         # several processes without GPUs: accelerate 1.15 only sets up gloo (MULTI_CPU) when told cpu=True
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -424,6 +526,8 @@ class Run:
     metrics_file: Any = None
     stop_signal: list = field(default_factory=list)
     ema_results: dict | None = None  # the last validation of the EMA weights (--model-ema)
+    metrics_records: int = 0  # lines in metrics.jsonl (saved in checkpoints: a resume drops the ones after)
+    guard: NonFiniteGuard | None = None
 
     @property
     def is_main(self) -> bool:
@@ -441,6 +545,7 @@ class Run:
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+            self.metrics_records += 1
         if self.args.log_with:
             step = record.get("step", 0)
             values = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
@@ -452,11 +557,6 @@ class Run:
             return flag
         device = self.accelerator.device
         return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0)
-
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    found = sorted(checkpoints.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-    return found[-1] if found else None
 
 
 def stream_state(run: Run) -> dict | None:
@@ -475,42 +575,48 @@ def load_stream_state(run: Run, state: dict | None) -> None:
 
 
 def save_checkpoint(run: Run) -> Path:
-    out = Path(run.accelerator.save_state())
+    """An atomic checkpoint (:mod:`timm_icl.checkpoint`: written aside, marked complete, renamed, then rotated) of
+    the accelerate state and this rank's recipe state. Never of diverged weights: the guard is checked first."""
+    stop_if_diverged(run)
     state = {
         "position": dict(run.position),
         "task": run.task.get_task_state(),
         "num_skipped": run.data.train_loader.num_skipped,
         "stream": stream_state(run),
+        "metrics_records": run.metrics_records,
     }
-    torch.save(state, out / f"train_state_{run.accelerator.process_index}.pt")
-    run.accelerator.wait_for_everyone()
-    return out
+    step, keep = run.position["step"], run.args.keep_checkpoints
+    return checkpoint.save_checkpoint(run.accelerator, run.checkpoints, state, step=step, keep=keep)
 
 
 def resume(run: Run) -> None:
     """``--resume latest|PATH``: load the checkpoint's state into the run (or say why it starts fresh)."""
-    args, accelerator, rank = run.args, run.accelerator, run.accelerator.process_index
+    args = run.args
     if args.resume:
-        ckpt = latest_checkpoint(run.checkpoints) if args.resume == "latest" else Path(args.resume)
-        if ckpt is None:
+        # "latest": the newest complete checkpoint that loads (damaged ones named and skipped); an older one: the
+        # newer checkpoints are moved aside into checkpoints/superseded-<time>/. Another process count is refused.
+        try:
+            resumed = checkpoint.resume_checkpoint(run.accelerator, run.checkpoints, args.resume)
+        except checkpoint.CheckpointError as e:
+            sys.exit(f"error: --resume {args.resume}: {e}")
+        if resumed is None:
             run.say(f"--resume latest: no checkpoint under {run.checkpoints}, starting from scratch")
-        elif not (ckpt / f"train_state_{rank}.pt").exists():
-            sys.exit(f"error: {ckpt} is not a checkpoint of this recipe with {accelerator.num_processes} process(es)")
         else:
-            accelerator.load_state(str(ckpt))
-            state = torch.load(ckpt / f"train_state_{rank}.pt", weights_only=False)
+            for line in resumed.skipped:
+                run.say(line)
+            if resumed.set_aside is not None:
+                run.say(f"the checkpoints after {resumed.path.name} were moved aside to {resumed.set_aside}")
+            ckpt, state = resumed.path, resumed.state
             run.position = state["position"]
             run.task.load_task_state(state["task"])
             run.data.train_loader.num_skipped = state["num_skipped"]
             load_stream_state(run, state.get("stream"))
-            accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
+            run.metrics_records = state.get("metrics_records", -1)  # -1: an older checkpoint, cut by step
             run.say(f"resumed from {ckpt} at epoch {run.position['epoch']}, step {run.position['step']}")
             run.resumed = True
-    latest = latest_checkpoint(run.checkpoints)
-    if not run.resumed and latest is not None:
-        # A fresh run in a used folder (e.g. the demo run twice): number new checkpoints after the old ones, which
-        # rotation then removes; metrics.jsonl starts over.
-        accelerator.project_configuration.iteration = int(latest.name.split("_")[-1]) + 1
+    if not run.resumed and checkpoint.list_checkpoints(run.checkpoints):
+        # A fresh run in a used folder (e.g. the demo run twice): new checkpoints are numbered after the old ones,
+        # which rotation then removes; metrics.jsonl starts over.
         run.say(f"{run.run_dir} holds checkpoints of an earlier run: starting fresh (pass --resume latest to continue)")
 
 
@@ -530,13 +636,91 @@ def open_run_folder(run: Run, image_size: int) -> None:
     if args.log_with:
         run.accelerator.init_trackers(run.run_dir.name, config={k: v for k, v in resolved.items() if v is not None})
     if run.is_main:
-        run.metrics_file = open(run.run_dir / "metrics.jsonl", "a" if run.resumed else "w")  # noqa: SIM115
+        metrics = run.run_dir / "metrics.jsonl"
+        if run.resumed:  # drop what was logged after the checkpoint: the resumed run logs those steps again
+            run.metrics_records = keep_metrics(metrics, run.metrics_records, run.position["step"])
+        run.metrics_file = open(metrics, "a" if run.resumed else "w")  # noqa: SIM115
+
+
+def keep_metrics(path: Path, records: int, step: int) -> int:
+    """Cut metrics.jsonl back to the first ``records`` lines (those up to ``step`` when ``records`` is -1); returns
+    the number kept. Written aside and renamed: a kill leaves the old file or the new one."""
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+    if records >= 0:
+        kept = lines[:records]
+    else:
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return len(kept)
 
 
 def install_signal_handlers(run: Run) -> None:
-    """Preemption: SIGTERM / SIGUSR1 only set a flag; the loop checkpoints at the next optimizer step and exits."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: run.stop_signal.append(signum))
+    """Preemption and Ctrl-C: SIGTERM / SIGUSR1 / SIGINT only set a flag; the loop checkpoints at the next optimizer
+    step and exits. A second Ctrl-C aborts at once (exit 130; the checkpoints on disk are complete ones)."""
+    main_pid = os.getpid()
+
+    def on_signal(signum, frame) -> None:
+        if os.getpid() != main_pid:  # a forked DataLoader worker: the main process handles it
+            return
+        if signum == signal.SIGINT and signal.SIGINT in run.stop_signal:
+            os.write(2, b"\nsecond Ctrl-C: aborted at once, no checkpoint written\n")
+            os._exit(130)
+        if signum == signal.SIGINT and run.is_main:
+            os.write(2, b"\nCtrl-C: checkpointing after this step (press Ctrl-C again to abort at once)\n")
+        run.stop_signal.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+class NonFiniteGuard:
+    """Remembers, on the device, the first optimizer step whose loss parts (or gradient norm) were not finite.
+
+    Nothing is read back per step (no host sync): :func:`stop_if_diverged` looks at it at log lines, before every
+    checkpoint, validation and export. ``first`` = ``[step, loss, task_loss, constraint_loss, grad_norm]``.
+    """
+
+    def __init__(self, device: torch.device, step: int):
+        self.step = torch.tensor(float(step), device=device)  # optimizer steps done
+        self.seen = torch.zeros((), dtype=torch.bool, device=device)
+        self.first = torch.full((5,), float("nan"), device=device)
+
+    def observe(self, parts: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
+        """``parts``: ``[loss, task_loss, constraint_loss]`` of a micro-batch; ``grad_norm``: the step's total norm."""
+        norm = grad_norm.detach().float().reshape(1) if grad_norm is not None else parts.new_full((1,), math.nan)
+        values = torch.cat([(self.step + 1).reshape(1), parts.float(), norm])
+        bad = ~torch.isfinite(parts).all()
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(norm).all()
+        self.first = torch.where(bad & ~self.seen, values, self.first)
+        self.seen = self.seen | bad
+
+    def end_step(self) -> None:
+        self.step += 1
+
+
+def stop_if_diverged(run: Run) -> None:
+    """End the run with one line when any rank saw a non-finite loss or gradient norm: no checkpoint, validation,
+    export or push of diverged weights; the checkpoints on disk are the last good ones. A collective."""
+    guard = run.guard
+    if guard is None or not run.any_rank(bool(guard.seen)):
+        return
+    first = run.accelerator.gather(guard.first.reshape(1, 5))  # [processes, 5]
+    first = first[~torch.isnan(first[:, 0])]
+    step, loss, task_loss, constraint_loss, norm = first[first[:, 0].argmin()].tolist()
+    parts = f"loss {loss:.4g}, task_loss {task_loss:.4g}, constraint_loss {constraint_loss:.4g}"
+    if run.args.clip_grad:
+        parts += f", grad norm {norm:.4g}"
+    found = checkpoint.find_resumable(run.checkpoints)[0]
+    last = f"the last good checkpoint is {found[0]}" if found else "no checkpoint was written"
+    sys.exit(
+        f"error: training diverged at step {int(step)} ({parts}): stopped with nothing saved, exported or pushed; "
+        f"{last}. Lower --lr or --constraint-weight, or set --clip-grad"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -616,6 +800,8 @@ def train(run: Run) -> tuple[dict | None, bool]:
     train_loader, position, device = run.data.train_loader, run.position, accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
     num_classes = task.get_eval_model().num_classes
+    run.guard = NonFiniteGuard(device, position["step"])
+    check_norm = bool(args.clip_grad) and accelerator.scaler is None  # fp16's scaler skips inf steps by design
     task.train()
     results = None
     stopped = False
@@ -669,21 +855,26 @@ def train(run: Run) -> tuple[dict | None, bool]:
                 accelerator.backward(out["loss"] * (weight / args.grad_accum_steps))
             parts = torch.stack([out[k].detach().float() for k in ("loss", "task_loss", "constraint_loss")])
             window += torch.cat([parts, parts.new_ones(1)]) * weight
+            run.guard.observe(parts)
             position["batch_in_epoch"] += 1
             if not sync:
                 continue
             micro = 0
             if args.clip_grad:
-                accelerator.clip_grad_norm_(student.parameters(), args.clip_grad)
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), args.clip_grad)
+                if check_norm and grad_norm is not None:
+                    run.guard.observe(parts, grad_norm)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             position["step"] += 1
             scheduler.step_update(position["step"])  # timm schedule, per optimizer step
             task.update_ema(step=position["step"])
+            run.guard.end_step()
             bar.update(images_per_step)
 
             if position["step"] % args.log_every == 0 or is_last:
+                stop_if_diverged(run)
                 # window means over every micro-batch since the last line, all ranks
                 loss, task_loss, constraint_loss, count = accelerator.reduce(window, "sum").tolist()
                 loss, task_loss, constraint_loss = (v / max(count, 1.0) for v in (loss, task_loss, constraint_loss))
@@ -716,6 +907,7 @@ def train(run: Run) -> tuple[dict | None, bool]:
         if skipped:
             run.say(f"epoch {epoch}: {skipped} undecodable training image(s) skipped so far (see the warnings)")
         position.update(epoch=epoch + 1, batch_in_epoch=0)
+        stop_if_diverged(run)
         results = validate(run, epoch)
         if args.checkpoint_every_epochs and (epoch + 1) % args.checkpoint_every_epochs == 0:
             save_checkpoint(run)
@@ -730,6 +922,7 @@ def train(run: Run) -> tuple[dict | None, bool]:
 def export(run: Run, results: dict | None) -> Path | None:
     """Write RUN/model on the main process (and push it with ``--push-to-hub``); returns the folder there."""
     args, task = run.args, run.task
+    stop_if_diverged(run)
     if results is None and run.data.val_loader is not None and run.position["step"] > 0:
         results = validate(run, run.position["epoch"])
     exported = None
@@ -776,7 +969,7 @@ def export(run: Run, results: dict | None) -> Path | None:
         if args.push_to_hub:
             from timm_icl.hub import push_to_hub
 
-            run.say(f"pushed to {push_to_hub(exported, args.push_to_hub)}")
+            run.say(f"pushed to {or_exit(push_to_hub, exported, args.push_to_hub)}")
     run.accelerator.wait_for_everyone()
     return exported
 
@@ -790,6 +983,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(vars(args), sort_keys=False), end="")
         return 0
     accelerator = create_accelerator(args)
+    check_push(args, accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def say(message: str) -> None:
@@ -827,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
         if run.metrics_file is not None:
             run.metrics_file.close()
     accelerator.end_training()
-    return 0
+    return 130 if stopped and signal.SIGINT in run.stop_signal else 0  # Ctrl-C: the shell's convention
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ def _find(root: Path, stem: str) -> Path | None:
 
 def local_files_available(split: str = "train") -> bool:
     """Whether the IDX files for ``split`` ("train"/"test") are on disk."""
+    if split not in _FILES:
+        raise ValueError(f"Fashion-MNIST has no split {split!r}; its splits are {sorted(_FILES)} ('validation' = test)")
     prefix = _FILES[split]
     root = fashion_mnist_root()
     return all(_find(root, f"{prefix}-{kind}") is not None for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
