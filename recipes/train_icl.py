@@ -75,7 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--label-column", default=None, help="default: detected")
     group.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False, help="stream the dataset")
     group.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
-    group.add_argument("--crop-pct", type=float, default=1.0, help="resize to size/crop_pct, then center-crop")
+    group.add_argument(
+        "--crop-pct", type=float, default=None, help="resize to size/crop_pct, then centre-crop (default: the model's)"
+    )
+    group.add_argument("--interpolation", default=None, help="bilinear, bicubic, ... (default: the model's)")
+    group.add_argument(
+        "--train-transform",
+        default="eval",
+        choices=("eval", "timm"),
+        help="training crops: 'eval' (the validation crop, deterministic; the paper's) or 'timm' (timm's random "
+        "resized crop + flip + colour jitter); the reference always sees the student's clean crop",
+    )
     group.add_argument(
         "-j", "--num-workers", "--workers", type=int, default=2, help="DataLoader workers per process (decode images)"
     )
@@ -375,7 +385,7 @@ def load_init_weights(model: torch.nn.Module, path: Path, *, new_head: bool) -> 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # data: each rank reads its own shard (sharded once, here; the loaders do not go through prepare), decoded in
-# workers, clean crops in [0, 1]
+# workers, clean uint8 crops in timm's eval view of the model (timm_icl.preprocess), float on the device
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Data:
@@ -383,13 +393,23 @@ class Data:
     train_info: dict
     val_loader: Any | None
     image_size: int
+    data_config: dict = field(default_factory=dict)  # what the crops used; exported into config.json
 
 
 def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, world: int) -> Data:
-    image_size = args.image_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    loader_kwargs = dict(
-        image_size=image_size,
+    from timm_icl.preprocess import resolve_preprocessing
+
+    # the model's own eval view (input_size, crop_pct, crop_mode, interpolation), overridden by the flags
+    data_config = or_exit(
+        resolve_preprocessing,
+        model,
+        image_size=args.image_size,
         crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
+    )
+    image_size = data_config["input_size"][-1]
+    loader_kwargs = dict(
+        data_config=data_config,
         image_column=args.image_column,
         label_column=args.label_column,
         streaming=args.streaming,
@@ -407,6 +427,7 @@ def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, wor
         seed=args.seed,  # the same permutation on every rank; each takes its share
         max_samples=args.max_train_samples,
         samples_per_epoch=args.train_samples_per_epoch,
+        train_transform=args.train_transform,
         **loader_kwargs,
     )
     val_loader = None
@@ -419,7 +440,7 @@ def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, wor
             max_samples=args.max_val_samples,
             **loader_kwargs,
         )
-    return Data(train_loader, train_info, val_loader, image_size)
+    return Data(train_loader, train_info, val_loader, image_size, data_config)
 
 
 def fit_head(args: argparse.Namespace, model: torch.nn.Module, num_classes: int | None, say) -> None:
@@ -627,6 +648,7 @@ def open_run_folder(run: Run, image_size: int) -> None:
     resolved.update(
         model_name=run.model_name,
         image_size=image_size,
+        data_config={k: list(v) if isinstance(v, tuple) else v for k, v in run.data.data_config.items()},
         num_classes=run.task.get_eval_model().num_classes,
         world_size=run.accelerator.num_processes,
     )
@@ -745,6 +767,7 @@ def validate(run: Run, epoch: int) -> dict | None:
             per_image=False,
             progress=False,
         )
+        evaluated["split"] = run.args.val_split  # the model card's model-index names the evaluated split
         prefix, summary = ("val_ema" if ema else "val"), evaluated["summary"]
         line = "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None)
         run.say(f"epoch {epoch}{' (EMA)' if ema else ''}: {line}")
@@ -940,6 +963,9 @@ def export(run: Run, results: dict | None) -> Path | None:
             "reference_model": str(init) if init is not None else (args.model if args.pretrained else None),
             "epochs": args.epochs,
             "steps": run.position["step"],
+            "epochs_completed": (
+                round(run.position["step"] / run.opt.steps_per_epoch, 3) if run.opt.steps_per_epoch else None
+            ),
             "lr": args.lr,
             "batch_size": args.batch_size * run.accelerator.num_processes * args.grad_accum_steps,
         }
@@ -952,6 +978,7 @@ def export(run: Run, results: dict | None) -> Path | None:
             dataset=args.dataset,
             base_model=args.model if args.pretrained and init is None else None,
             label_names=run.data.train_info.get("class_names"),
+            data_config=run.data.data_config,  # the crops training and validation used
         )
         run.say(f"model exported to {exported} (timm.create_model('local-dir:{exported}', pretrained=True))")
         if task.has_ema():  # timm's train.py keeps both; so do we: RUN/model-ema, the same folder format
@@ -964,6 +991,7 @@ def export(run: Run, results: dict | None) -> Path | None:
                 dataset=args.dataset,
                 base_model=args.model if args.pretrained and init is None else None,
                 label_names=run.data.train_info.get("class_names"),
+                data_config=run.data.data_config,
             )
             run.say(f"EMA weights exported to {ema_folder}")
         if args.push_to_hub:
