@@ -250,7 +250,7 @@ VALUE_LIMITS = {
     "drop": (0, True),
     "drop_path": (0, True),
 }
-VALUE_MAXIMA = {"clean_fraction": 1, "smoothing": 1, "model_ema_decay": 1, "drop": 1, "drop_path": 1}
+VALUE_MAXIMA = {"crop_pct": 1, "clean_fraction": 1, "smoothing": 1, "model_ema_decay": 1, "drop": 1, "drop_path": 1}
 
 
 def check_values(args: argparse.Namespace) -> None:
