@@ -103,7 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--val-distortions", default=None, help="validation conditions (default: --distortions)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, default=40)
-    group.add_argument("-b", "--batch-size", type=int, default=64, help="per process, per micro-batch")
+    group.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="images per optimizer step over all processes (the paper: 64, the default when neither this nor "
+        "--batch-size is given); the per-process batch and accumulation follow from the process count",
+    )
+    group.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=None,
+        help="per process, per micro-batch; with --global-batch-size: the largest micro-batch (more: accumulation)",
+    )
     group.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     group.add_argument(
         "--opt",
@@ -221,6 +234,7 @@ VALUE_LIMITS = {
     "alpha": (0, False),
     "epochs": (1, True),
     "batch_size": (1, True),
+    "global_batch_size": (1, True),
     "grad_accum_steps": (1, True),
     "max_train_samples": (1, True),
     "train_samples_per_epoch": (1, True),
@@ -270,6 +284,44 @@ def check_values(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         sys.exit(f"error: --output-dir {output_dir} is a file; the run folder must be a folder")
+
+
+def split_global_batch(global_batch: int, world: int, max_per_process: int | None = None) -> tuple[int, int]:
+    """``(micro_batch, accumulation)`` per process such that ``micro_batch * accumulation * world == global_batch``.
+
+    The fewest accumulation steps whose micro-batch fits ``max_per_process`` (None: no limit). A global batch
+    that does not divide over the processes is refused (ValueError naming the nearest multiples): accumulation
+    cannot fix that, and a different effective batch would not be the protocol asked for.
+    """
+    if global_batch < 1 or world < 1:
+        raise ValueError(f"global batch {global_batch} and process count {world} must be >= 1")
+    if global_batch % world:
+        low, high = global_batch // world * world, (global_batch // world + 1) * world
+        sizes = ", ".join(str(n) for n in range(1, global_batch + 1) if global_batch % n == 0 and n <= 64)
+        raise ValueError(
+            f"--global-batch-size {global_batch} does not split over {world} processes: pass "
+            f"{' or '.join(str(n) for n in (low, high) if n)} or run {sizes} processes"
+        )
+    per_process = global_batch // world
+    limit = per_process if max_per_process is None else max(1, max_per_process)
+    accumulation = next(a for a in range(1, per_process + 1) if per_process % a == 0 and per_process // a <= limit)
+    return per_process // accumulation, accumulation
+
+
+def resolve_batch(args: argparse.Namespace, world: int) -> str:
+    """Set ``args.batch_size`` / ``grad_accum_steps`` / ``global_batch_size`` for ``world`` processes; returns the
+    line to log. Without both flags: the paper's global batch of 64."""
+    if args.global_batch_size is None and args.batch_size is not None:  # per-process batch as given
+        args.global_batch_size = args.batch_size * args.grad_accum_steps * world
+        how = "from --batch-size"
+    else:
+        args.global_batch_size = args.global_batch_size or 64
+        args.batch_size, args.grad_accum_steps = split_global_batch(args.global_batch_size, world, args.batch_size)
+        how = "split from --global-batch-size"
+    return (
+        f"global batch {args.global_batch_size} = {world} process(es) x {args.batch_size} images x "
+        f"{args.grad_accum_steps} accumulation step(s) ({how})"
+    )
 
 
 def or_exit(fn, *fn_args, **fn_kwargs):
@@ -1017,6 +1069,8 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         if accelerator.is_main_process:
             tqdm.write(message)
+
+    say(or_exit(resolve_batch, args, world))  # before the loaders: they take the per-process batch
 
     model, model_name, init = create_model(args)
     data = create_data(args, model, rank, world)

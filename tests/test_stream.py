@@ -203,6 +203,7 @@ def test_recipe_killed_mid_epoch_resumes_the_stream_exactly(tmp_path, world):
                           env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipping" not in proc.stdout + proc.stderr  # no batches re-read to get there
+    assert f"global_batch_size: {batch * world}" in (killed / "config.yaml").read_text()
 
     labels = {}
     for rank in range(world):
