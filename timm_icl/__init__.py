@@ -3,7 +3,9 @@
 Public API (see the README for a tour):
 
 - distortions: :func:`gaussian_noise`, :func:`gaussian_blur`, :class:`GaussianNoise`, :class:`GaussianBlur`
-- conditions: :class:`Distortion`, :class:`DistortionSet`, :func:`parse_distortions`, :class:`DistortionSampler`
+- conditions: :class:`Distortion`, :class:`DistortionSet`, :func:`parse_distortions`, :class:`DistortionSampler`,
+  :func:`register_distortion` (any ``fn(images, severity, generator)`` by name), :func:`distortion_names`
+- corruptions: ImageNet-C's camera corruptions on the device (:mod:`timm_icl.corruptions`), registered by name
 - capture: :func:`capture_preactivations`, :func:`default_layers`, :func:`candidate_layers`
 - losses: :func:`icl_loss`, :func:`mse_constraint_loss`, :func:`activation_boundary_loss` and module forms
 - task: :class:`ICLTask` (a ``timm.task.TrainingTask``)
@@ -19,14 +21,20 @@ Public API (see the README for a tour):
 from . import models  # noqa: F401  (registers vgg_tiny / vgg_small with timm)
 from .capture import capture_preactivations, resolve_layers, run_until_captured
 from .conditions import (
+    IMAGENET_C_10,
     IMAGENET_C_DISTORTIONS,
     PAPER_DISTORTIONS,
     SMALL_IMAGE_DISTORTIONS,
     Distortion,
     DistortionSampler,
     DistortionSet,
+    DistortionSpec,
     apply_distortions,
+    distortion_names,
+    get_distortion,
     parse_distortions,
+    register_distortion,
+    unregister_distortion,
 )
 from .distortions import (
     GaussianBlur,
@@ -80,6 +88,12 @@ __all__ = [
     "DistortionSampler",
     "apply_distortions",
     "parse_distortions",
+    "register_distortion",
+    "unregister_distortion",
+    "get_distortion",
+    "distortion_names",
+    "DistortionSpec",
+    "IMAGENET_C_10",
     "PAPER_DISTORTIONS",
     "IMAGENET_C_DISTORTIONS",
     "SMALL_IMAGE_DISTORTIONS",

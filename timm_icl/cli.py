@@ -79,7 +79,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import evaluate_robustness
-    from .results import format_table, plot_accuracy_vs_sigma, save_results
+    from .results import format_corruption_table, format_table, load_results, plot_accuracy_vs_sigma, save_results
 
     try:
         from .data import create_loader
@@ -89,6 +89,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .preprocess import resolve_preprocessing
 
     distortions = parse_distortions(args.distortions)  # fail on a typo before loading model and data
+    baseline = load_results(args.baseline) if args.baseline else None  # and on a missing baseline file
     model = _create_model(args.model, pretrained=not args.no_pretrained, num_classes=args.num_classes)
     # the model's own eval view (an exported model: what its training used, from config.json), overridable
     data_config = resolve_preprocessing(
@@ -159,7 +160,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     name = args.name or _display_name(args.model)
     results.update(model=args.model, name=name, dataset=args.dataset, split=info["split"])
     results["preprocessing"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
-    print(format_table({name: results}))
+    if baseline is not None or set(distortions.kinds()) - {"noise", "blur"}:
+        # camera corruptions: one row per corruption (mean top-1 over its severities), CE and mCE with --baseline
+        print(format_corruption_table({name: results}, baseline))
+        if baseline is not None:
+            from .results import mean_corruption_error
+
+            results["corruption_error"] = mean_corruption_error(results, baseline)
+            results["corruption_error"]["baseline"] = baseline.get("name") or str(args.baseline)
+    else:
+        print(format_table({name: results}))
     if args.output:
         save_results(results, args.output)
         print(f"results: {args.output}", file=sys.stderr)
@@ -249,8 +259,9 @@ def _cmd_distort(args: argparse.Namespace) -> int:
         for ax, cond in zip(row, panels):
             out = distort(image, cond, seed=args.seed, condition_index=index.get(cond.name, 0))
             ax.imshow(out[0].permute(1, 2, 0).clamp(0, 1).numpy())
-            unit = "" if cond.kind == "clean" else (" (0-255)" if cond.kind == "noise" else " px")
-            title = "clean" if cond.kind == "clean" else f"{cond.kind} σ={cond.sigma:g}{unit}"
+            unit = {"noise": " (0-255)", "blur": " px"}.get(cond.kind, "")
+            symbol = "σ=" if cond.kind in ("noise", "blur") else ""
+            title = "clean" if cond.kind == "clean" else f"{cond.kind} {symbol}{cond.sigma:g}{unit}"
             ax.set_title(title, fontsize=9)
     fig.suptitle(f"{Path(args.image).name}: {distortions.to_text()}", fontsize=10)
     fig.tight_layout()
@@ -324,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         "examples:\n"
         "  timm-icl eval runs/icl --dataset fashion-mnist --distortions small -o icl.json\n"
         "  timm-icl eval hf-hub:me/vgg16-icl --dataset ILSVRC/imagenet-1k --split validation --streaming\n"
-        "  timm-icl eval resnet50.a1_in1k --dataset /data/imagenet-val --distortions imagenet-c",
+        "  timm-icl eval resnet50.a1_in1k --dataset /data/imagenet-val --distortions imagenet-c\n"
+        "  timm-icl eval runs/icl --dataset fashion-mnist --distortions imagenet-c-10 --baseline plain.json",
     )
     p.add_argument("model", help="timm name, hf-hub:ORG/NAME, local-dir:PATH, or a recipe run folder")
     p.add_argument("--dataset", required=True, help="fashion-mnist, a Hub dataset id, or a local folder/parquet path")
@@ -332,7 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default=None, help="default: validation when the dataset has one, else test (printed on stderr)"
     )
     p.add_argument(
-        "--distortions", default="paper", help="'paper', 'imagenet-c', 'small' (28 px), or e.g. 'noise:20,40 blur:2,4'"
+        "--distortions",
+        default="paper",
+        help="'paper', 'imagenet-c', 'imagenet-c-10' (ImageNet-C's camera corruptions rendered here, 5 levels), "
+        "'small' (28 px), or registered kinds, e.g. 'noise:20,40 blur:2,4 shot_noise:1,3,5 jpeg_quality:20,50'",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="RESULTS.json",
+        help="a baseline model's results on the same set (-o of an earlier eval): print corruption errors and mCE",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)

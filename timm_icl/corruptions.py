@@ -350,7 +350,11 @@ def pixelate(images: torch.Tensor, severity: torch.Tensor, generator: torch.Gene
 
 def _jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """Encode each image as a JPEG of its quality and decode it (torchvision; on the GPU for CUDA images)."""
-    from torchvision.io import decode_jpeg, encode_jpeg
+    import warnings
+
+    with warnings.catch_warnings():  # torchvision 0.29 announces its image codecs' move to torchcodec on import/use
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import decode_jpeg, encode_jpeg
 
     if images.shape[1] not in (1, 3):
         raise ValueError(f"jpeg needs images with 1 or 3 channels, got {images.shape[1]}")
@@ -359,8 +363,10 @@ def _jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     quality = quality.round().long().cpu()
     for q in torch.unique(quality).tolist():
         idx = (quality == q).nonzero().view(-1).tolist()
-        encoded = encode_jpeg([as_uint8[i] for i in idx], quality=int(q))
-        decoded = decode_jpeg([e.cpu() for e in encoded], device=images.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            encoded = encode_jpeg([as_uint8[i] for i in idx], quality=int(q))
+            decoded = decode_jpeg([e.cpu() for e in encoded], device=images.device)
         for i, d in zip(idx, decoded):
             out[i] = d.to(images.dtype) / 255.0
     return out

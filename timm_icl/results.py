@@ -37,6 +37,8 @@ from .target_cache import pack_bits, unpack_bits
 
 __all__ = [
     "summarize",
+    "mean_corruption_error",
+    "format_corruption_table",
     "sort_conditions",
     "condition_names",
     "group_correctness",
@@ -93,6 +95,10 @@ def summarize(conditions: Mapping[str, Mapping[str, Any]], metric: str = "top1")
         values = [conditions[n].get(metric) for n in condition_names(conditions, group)]
         values = [v for v in values if v is not None]
         summary[group] = sum(values) / len(values) if values else None
+    for kind in dict.fromkeys(c["kind"] for c in conditions.values()):  # other registered kinds (jpeg, ...): appended
+        if kind not in GROUPS:
+            values = [c.get(metric) for c in conditions.values() if c["kind"] == kind and c.get(metric) is not None]
+            summary[kind] = sum(values) / len(values) if values else None
     return summary
 
 
@@ -382,6 +388,134 @@ def _mean(lists: Sequence[Sequence[int]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# corruption benchmark: ImageNet-C's mean corruption error
+# ---------------------------------------------------------------------------------------------------------------------
+def _condition_means(results: Result | Sequence[Result], metric: str) -> dict[str, dict[str, Any]]:
+    """``{condition name: {"kind", "sigma", metric}}`` with the metric averaged over the runs (seeds) given."""
+    runs = _runs(results)
+    out: dict[str, dict[str, Any]] = {}
+    conditions = runs[0]["conditions"]
+    # kinds in the order of the evaluated set's text ("noise:.. shot_noise:.."), not alphabetical as in JSON files
+    text_order = [group.partition(":")[0] for group in str(runs[0].get("distortions", "")).split()]
+    rank = {kind: i for i, kind in enumerate(["clean"] + text_order)}
+    order = sorted(conditions, key=lambda n: (rank.get(conditions[n]["kind"], len(rank)), conditions[n]["sigma"], n))
+    for name in order:
+        values = [r["conditions"][name][metric] for r in runs if name in r["conditions"]]
+        if len(values) == len(runs):
+            c = runs[0]["conditions"][name]
+            out[name] = {"kind": c["kind"], "sigma": c["sigma"], metric: sum(values) / len(values)}
+    return out
+
+
+def mean_corruption_error(
+    results: Result | Sequence[Result], baseline: Result | Sequence[Result], *, metric: str = "top1"
+) -> dict[str, Any]:
+    """ImageNet-C's corruption errors of ``results`` normalised by a ``baseline`` model's (Hendrycks & Dietterich).
+
+    For each corruption (kind) ``c`` with severities ``s`` and errors ``E = 1 - top-1``::
+
+        CE_c = sum_s E_{s,c} / sum_s E^baseline_{s,c}                  mCE = mean_c CE_c
+        relative CE_c = sum_s (E_{s,c} - E_clean) / sum_s (E^baseline_{s,c} - E^baseline_clean)
+
+    Args:
+        results, baseline: one result each, or one per seed (accuracies are averaged over the seeds first); the
+            baseline must have every condition of ``results``.
+        metric: ``"top1"`` (ImageNet-C's) or ``"top5"``.
+
+    Returns:
+        ``{"corruptions": {kind: {"top1", "error_sum", "baseline_error_sum", "ce", "relative_ce"}}, "mce",
+        "relative_mce", "clean_error", "baseline_clean_error"}`` (``top1`` is the mean over the kind's severities;
+        a relative CE is ``nan`` when the baseline loses nothing on that corruption).
+
+    Raises:
+        ValueError: a condition is missing from the baseline, or the baseline makes no error on a corruption.
+    """
+    mine, base = _condition_means(results, metric), _condition_means(baseline, metric)
+    missing = [n for n in mine if n not in base]
+    if missing:
+        raise ValueError(f"the baseline was not evaluated on {', '.join(missing)}; evaluate it on the same set")
+    if "clean" not in mine or "clean" not in base:
+        raise ValueError("both results need the clean condition (evaluate_robustness always reports it)")
+    clean_err, base_clean_err = 1.0 - mine["clean"][metric], 1.0 - base["clean"][metric]
+    corruptions: dict[str, dict[str, float]] = {}
+    for kind in dict.fromkeys(c["kind"] for c in mine.values()):
+        if kind == "clean":
+            continue
+        names = [n for n, c in mine.items() if c["kind"] == kind]
+        err = sum(1.0 - mine[n][metric] for n in names)
+        base_err = sum(1.0 - base[n][metric] for n in names)
+        if base_err <= 0:
+            raise ValueError(f"the baseline makes no error on {kind}: its corruption error cannot be normalised")
+        rel_denominator = base_err - len(names) * base_clean_err
+        corruptions[kind] = {
+            metric: sum(mine[n][metric] for n in names) / len(names),
+            "error_sum": err,
+            "baseline_error_sum": base_err,
+            "ce": err / base_err,
+            "relative_ce": (err - len(names) * clean_err) / rel_denominator if rel_denominator > 0 else math.nan,
+        }
+    if not corruptions:
+        raise ValueError("no corrupted conditions in these results: nothing to compute a corruption error of")
+    rel = [c["relative_ce"] for c in corruptions.values()]
+    return {
+        "corruptions": corruptions,
+        "mce": sum(c["ce"] for c in corruptions.values()) / len(corruptions),
+        "relative_mce": sum(rel) / len(rel),
+        "clean_error": clean_err,
+        "baseline_clean_error": base_clean_err,
+    }
+
+
+def format_corruption_table(
+    results_by_name: Mapping[str, Result | Sequence[Result]],
+    baseline: Result | Sequence[Result] | None = None,
+    *,
+    digits: int = 4,
+    percent: bool = True,
+) -> str:
+    """Markdown: per corruption (kind), each run's mean top-1 over the severities and, with a ``baseline``, its
+    corruption error (CE); then the clean top-1 and, with a baseline, mCE and relative mCE
+    (:func:`mean_corruption_error`).
+
+    CE and mCE print as percentages by default, as ImageNet-C tables do (100 = the baseline's error).
+    """
+    if not results_by_name:
+        raise ValueError("format_corruption_table needs at least one result")
+    from .conditions import _REGISTRY
+
+    means = {name: _condition_means(value, "top1") for name, value in results_by_name.items()}
+    scores = {n: mean_corruption_error(v, baseline) for n, v in results_by_name.items()} if baseline is not None else {}
+    cols = ("top-1", "CE") if baseline is not None else ("top-1",)
+    scale = 100.0 if percent else 1.0
+    kinds = [k for k in dict.fromkeys(c["kind"] for m in means.values() for c in m.values()) if k != "clean"]
+    header = ["corruption", "family"] + [f"{name} {col}" for name in means for col in cols]
+    lines = ["| " + " | ".join(header) + " |", "| --- | --- |" + " ---: |" * (len(cols) * len(means))]
+
+    def row(label: str, cells: list[str], family: str = "") -> str:
+        return "| " + " | ".join([label, family] + cells) + " |"
+
+    for kind in kinds:
+        cells = []
+        for name, m in means.items():
+            values = [c["top1"] for c in m.values() if c["kind"] == kind]
+            cells.append(f"{sum(values) / len(values):.{digits}f}" if values else "-")
+            if scores:
+                c = scores[name]["corruptions"].get(kind)
+                cells.append(f"{scale * c['ce']:.1f}" if c else "-")
+        lines.append(row(kind, cells, _REGISTRY[kind].family if kind in _REGISTRY else ""))
+    pad = [""] if scores else []
+    lines.append(
+        row("**clean top-1**", [x for m in means.values() for x in [f"{m['clean']['top1']:.{digits}f}"] + pad])
+    )
+    if scores:
+        lines.append(row("**mCE**", [x for s in scores.values() for x in ("", f"{scale * s['mce']:.1f}")]))
+        lines.append(
+            row("**relative mCE**", [x for s in scores.values() for x in ("", f"{scale * s['relative_mce']:.1f}")])
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # plot
 # ---------------------------------------------------------------------------------------------------------------------
 def plot_accuracy_vs_sigma(
@@ -407,14 +541,24 @@ def plot_accuracy_vs_sigma(
     if not results_by_name:
         raise ValueError("plot_accuracy_vs_sigma needs at least one result")
     all_runs = [r for v in results_by_name.values() for r in _runs(v)]
-    kinds = [k for k in ("noise", "blur") if any(c["kind"] == k for r in all_runs for c in r["conditions"].values())]
+    from .conditions import _REGISTRY
+
+    present = dict.fromkeys(c["kind"] for r in all_runs for c in r["conditions"].values())
+    # noise and blur first, then every other kind (camera corruptions) grouped by family, one panel each
+    others = sorted((k for k in present if k not in GROUPS), key=lambda k: _REGISTRY[k].family if k in _REGISTRY else k)
+    kinds = [k for k in ("noise", "blur") if k in present] + others
     kinds = kinds or ["noise"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4), squeeze=False)
+    ncols = min(len(kinds), 5)
+    nrows = math.ceil(len(kinds) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(kinds) :]:
+        ax.set_visible(False)
     units = {"noise": "noise sigma (0-255 pixel units)", "blur": "blur sigma (pixels)"}
+    units.update({k: f"severity ({_REGISTRY[k].unit or 'value'})" for k in others if k in _REGISTRY})
     lines = ([("reference", reference, {"linestyle": "--", "color": "k"})] if reference is not None else []) + [
         (method, value, {}) for method, value in results_by_name.items()
     ]
-    for ax, kind in zip(axes[0], kinds):
+    for ax, kind in zip(axes.flat, kinds):
         for method, value, style in lines:
             runs = _runs(value)
             names = condition_names(runs[0]["conditions"], "clean") + condition_names(runs[0]["conditions"], kind)
@@ -428,9 +572,10 @@ def plot_accuracy_vs_sigma(
                 ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method, **style)
             else:
                 ax.plot(xs, ys, marker="o", label=method, **style)
-        ax.set_xlabel(units[kind])
+        ax.set_xlabel(units.get(kind, "severity"))
         ax.set_ylabel(f"top-{metric[3:]} accuracy" if metric.startswith("top") else metric)
-        ax.set_title(f"Gaussian {kind}")
+        family = _REGISTRY[kind].family if kind in _REGISTRY else ""
+        ax.set_title(f"Gaussian {kind}" if kind in GROUPS else f"{kind} ({family})" if family != kind else kind)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
