@@ -68,12 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--drop", type=float, default=None, help="dropout rate (timm's drop_rate; vgg16: fc6/fc7)")
     group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (timm's drop_path_rate)")
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist', Hub id, parquet or image folder")
+    group.add_argument(
+        "--dataset",
+        default=HEADLINE_DATASET,
+        help="Hub id, local wds/parquet/image folder, or 'fashion-mnist' (default: ImageNet, the paper's; gated)",
+    )
     group.add_argument("--train-split", default="train")
     group.add_argument("--val-split", default="validation", help="'none' to skip validation")
     group.add_argument("--image-column", default=None, help="default: detected")
     group.add_argument("--label-column", default=None, help="default: detected")
-    group.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False, help="stream the dataset")
+    group.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stream the dataset (default: on for a Hub id, off for local data); resumes exactly (timm_icl.stream)",
+    )
     group.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
     group.add_argument(
         "--crop-pct", type=float, default=None, help="resize to size/crop_pct, then centre-crop (default: the model's)"
@@ -446,6 +455,36 @@ class Data:
     val_loader: Any | None
     image_size: int
     data_config: dict = field(default_factory=dict)  # what the crops used; exported into config.json
+
+
+HEADLINE_DATASET = "timm/imagenet-1k-wds"  # ImageNet-1k as webdataset shards: streamed, read shard by shard
+
+
+def check_dataset(args: argparse.Namespace) -> None:
+    """Settle ``--streaming`` (on for a Hub id) and, for a Hub dataset, stop at once with one line when it cannot be
+    read: offline, gated without access, unknown, or the Hub unreachable (before any model or data loads)."""
+    spec = args.dataset
+    local = Path(spec).expanduser().exists() or spec.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
+    if args.streaming is None:
+        args.streaming = not local
+    if local:
+        return
+    what = f"log in (`hf auth login`) and accept its terms at https://huggingface.co/datasets/{spec}, or pass --dataset"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        if args.streaming:  # a stream reads the Hub as it goes: nothing to find in a cache
+            sys.exit(f"error: cannot stream {spec} offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set): {what}")
+        return  # map-style: datasets' cache may hold a copy; it says so itself when not
+    from huggingface_hub import auth_check
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        auth_check(spec, repo_type="dataset")
+    except GatedRepoError:
+        sys.exit(f"error: {spec} is gated and this account has no access to it: {what}")
+    except RepositoryNotFoundError:
+        sys.exit(f"error: no dataset {spec!r} on the Hub (or private: log in) and no such folder: pass --dataset")
+    except Exception as e:  # no network: the Hub client's connection errors
+        sys.exit(f"error: cannot reach the Hub for {spec} ({type(e).__name__}): connect and {what}")
 
 
 def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, world: int) -> Data:
@@ -1062,6 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(yaml.safe_dump(vars(args), sort_keys=False), end="")
         return 0
+    check_dataset(args)  # ImageNet by default: offline or without access, stop now, not after minutes of retries
     accelerator = create_accelerator(args)
     check_push(args, accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
