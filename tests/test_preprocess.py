@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from timm_icl import _fashion_mnist
+from timm_icl import fashion_mnist
 from timm_icl.preprocess import (
     ImageTransform,
     UnusableImageError,
@@ -110,7 +110,7 @@ def test_thin_strip_refused_before_decoding():
     assert open_image(Image.new("RGB", (1000, 10))).size == (1000, 10)  # a panorama of 100:1 is still fine
 
 
-@pytest.mark.skipif(not _fashion_mnist.local_files_available("test"), reason="Fashion-MNIST IDX files not installed")
+@pytest.mark.skipif(not fashion_mnist.local_files_available("test"), reason="Fashion-MNIST IDX files not installed")
 def test_fashion_mnist_fast_path_is_timms_pixels():
     from timm_icl.data import FashionMNISTDataset
 
