@@ -375,7 +375,7 @@ def pixelate(images: torch.Tensor, severity: torch.Tensor, generator: torch.Gene
         h, w = max(1, int(height * c)), max(1, int(width * c))
         small = _box_resize(_box_resize(x.to(torch.promote_types(x.dtype, torch.float32)), w, -1), h, -2)
         up = _select(small, 2, _nearest_index(h, height, x.device))
-        return _select(up, 3, _nearest_index(w, width, x.device)).to(x.dtype)
+        return _select(up, 3, _nearest_index(w, width, x.device)).clamp(0.0, 1.0).to(x.dtype)  # sums' rounding
 
     return _per_level(images, levels, one_level)
 
