@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--alpha", type=float, default=100.0, help="ICL's sharpness alpha")
     group.add_argument("--margin", type=float, default=1.0, help="activation-boundary margin")
     group.add_argument("--layers", default=None, help="comma-separated layers (default: the model's preset)")
-    group.add_argument("--distortions", default="paper", help="training conditions: 'paper', 'small', 'noise:20 ...'")
+    group.add_argument(
+        "--distortions",
+        default="paper",
+        help="training conditions: 'paper', 'small', 'imagenet-c-10', or registered kinds with severities, "
+        "e.g. 'noise:20,60,100 motion_blur:1,3,5 jpeg:1,3,5' (timm_icl.distortion_names())",
+    )
     group.add_argument("--clean-fraction", type=float, default=0.0, help="share of training images left clean")
     group.add_argument("--val-distortions", default=None, help="validation conditions (default: --distortions)")
     group = parser.add_argument_group("optimisation")

@@ -390,3 +390,25 @@ def test_cli_corruption_benchmark_with_baseline(tmp_path):
     res = load_results(tmp_path / "b.json")
     assert res["corruption_error"]["mce"] == pytest.approx(1.0) and len(res["corruption_error"]["corruptions"]) == 10
     assert load_results(tmp_path / "a.json")["per_image"] == res["per_image"]
+
+
+def test_recipe_trains_and_validates_on_camera_corruptions(tmp_path):
+    """recipes/train_icl.py --distortions "noise:20,60,100 motion_blur:1,3,5 jpeg:1,3,5": a short run end to end."""
+    import json
+    import sys
+    from pathlib import Path
+
+    if not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST files not installed")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import train_icl
+
+    out = tmp_path / "run"
+    text = "noise:20,60,100 motion_blur:1,3,5 jpeg:1,3,5"
+    argv = ["--model", "vgg_tiny", "--no-pretrained", "--dataset", "fashion-mnist", "--val-split", "test"]
+    argv += ["--max-train-samples", "32", "--max-val-samples", "8", "--batch-size", "8", "--num-workers", "0"]
+    argv += ["--distortions", text, "--epochs", "1", "--output-dir", str(out)]
+    assert train_icl.main(argv) == 0
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["distortions"] == text and evaluated["conditions"]["motion_blur5"]["count"] == 8
+    assert evaluated["summary"]["jpeg"] is not None
