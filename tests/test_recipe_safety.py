@@ -180,10 +180,8 @@ def test_an_exploding_loss_stops_the_run_before_anything_is_saved_exported_or_pu
 def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(dataset, tmp_path):
     out = tmp_path / "run"
     args = [*COMMON, "--dataset", str(dataset), "--epochs", "200", "--val-split", "none", "--output-dir", str(out)]
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args], stdout=subprocess.DEVNULL, stderr=stderr, env=env()
-        )
+    with open(tmp_path / "output.txt", "w") as output:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=output, stderr=output, env=env())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             metrics = out / "metrics.jsonl"
@@ -192,7 +190,7 @@ def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(dataset, tmp_path):
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
         assert proc.wait(timeout=120) == 130
-    text = (tmp_path / "stderr.txt").read_text()
+    text = (tmp_path / "output.txt").read_text()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert "Ctrl-C: checkpointing after this step" in text
     stopped_at = int(re.search(r"stopped by signal at step (\d+): checkpoint", text).group(1))
