@@ -776,7 +776,7 @@ def keep_metrics(path: Path, records: int, step: int) -> int:
     return len(kept)
 
 
-def install_signal_handlers(run: Run) -> None:
+def install_signal_handlers(run: Run) -> dict:
     """Preemption and Ctrl-C: SIGTERM / SIGUSR1 / SIGINT only set a flag; the loop checkpoints at the next optimizer
     step and exits. A second Ctrl-C aborts at once (exit 130; the checkpoints on disk are complete ones)."""
     main_pid = os.getpid()
@@ -791,8 +791,10 @@ def install_signal_handlers(run: Run) -> None:
             os.write(2, b"\nCtrl-C: checkpointing after this step (press Ctrl-C again to abort at once)\n")
         run.stop_signal.append(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    for sig in previous:
         signal.signal(sig, on_signal)
+    return previous  # main() puts them back: an in-process caller (a test, a notebook) keeps its own Ctrl-C
 
 
 class NonFiniteGuard:
@@ -1133,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args, accelerator, model_name, init, data, task, student, opt, Path(args.output_dir))
     resume(run)
     open_run_folder(run, data.image_size)
-    install_signal_handlers(run)
+    previous_handlers = install_signal_handlers(run)
     num_params = sum(p.numel() for p in task.trainable_module.parameters() if p.requires_grad)
     say(
         f"{model_name}: {num_params / 1e6:.2f}M params, constraint {args.constraint} "
@@ -1147,6 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if run.metrics_file is not None:
             run.metrics_file.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     accelerator.end_training()
     return 130 if stopped and signal.SIGINT in run.stop_signal else 0  # Ctrl-C: the shell's convention
 
