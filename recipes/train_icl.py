@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 'noise:20,60,100 motion_blur:1,3,5 jpeg:1,3,5' (timm_icl.distortion_names())",
     )
     group.add_argument("--clean-fraction", type=float, default=0.0, help="share of training images left clean")
+    group.add_argument(
+        "--reference-targets",
+        default="live",
+        help="'live' (the frozen reference runs each step), 'cache' (RUN/targets.safetensors: one pass of the "
+        "reference writes 1 bit per unit and image, then training runs without it) or a cache file path",
+    )
     group.add_argument("--val-distortions", default=None, help="validation conditions (default: --distortions)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, default=40)
@@ -645,6 +651,7 @@ class Run:
     ema_results: dict | None = None  # the last validation of the EMA weights (--model-ema)
     metrics_records: int = 0  # lines in metrics.jsonl (saved in checkpoints: a resume drops the ones after)
     guard: NonFiniteGuard | None = None
+    target_cache: Any = None  # cached reference targets (--reference-targets cache|PATH); None: live reference
 
     @property
     def is_main(self) -> bool:
@@ -674,6 +681,153 @@ class Run:
             return flag
         device = self.accelerator.device
         return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model_name: str
+    init: Path | None
+    data: Data
+    task: ICLTask
+    student: torch.nn.Module  # the prepared (DDP / compiled) student; task.get_eval_model() is the plain one
+    opt: Optimization
+    run_dir: Path
+    position: dict = field(default_factory=lambda: {"epoch": 0, "batch_in_epoch": 0, "step": 0})
+    resumed: bool = False
+    metrics_file: Any = None
+    stop_signal: list = field(default_factory=list)
+    ema_results: dict | None = None  # the last validation of the EMA weights (--model-ema)
+    metrics_records: int = 0  # lines in metrics.jsonl (saved in checkpoints: a resume drops the ones after)
+    guard: NonFiniteGuard | None = None
+    target_cache: Any = None  # cached reference targets (--reference-targets cache|PATH); None: live reference
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    def log(self, record: dict) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+            self.metrics_records += 1
+        if self.args.log_with:
+            step = record.get("step", 0)
+            values = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+            self.accelerator.log(values, step=step)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any process (a collective: every rank must call it)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        device = self.accelerator.device
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# cached reference targets (--reference-targets cache|PATH): one pass of the frozen reference over the training set
+# writes 1 bit per constrained unit and image (timm_icl.target_cache), keyed by the stream's sample ids; the
+# reference is then released and each step looks its bits up instead of running it
+# ---------------------------------------------------------------------------------------------------------------------
+def cache_preprocessing(args: argparse.Namespace, data: Data) -> dict:
+    """What the cached bits depend on besides the weights and layers: the crops and which images (ids)."""
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in data.data_config.items()}
+    return {**config, "dataset": args.dataset, "split": args.train_split, "max_samples": args.max_train_samples}
+
+
+def setup_target_cache(run: Run) -> None:
+    """Load (or first build) the target cache, verify a batch against the live reference, release the reference."""
+    from timm_icl.target_cache import TargetCache
+
+    args = run.args
+    if args.reference_targets in (None, "", "live"):
+        return
+    if args.train_transform != "eval":
+        sys.exit(
+            f"error: --reference-targets {args.reference_targets}: the training crops are random (--train-transform "
+            f"{args.train_transform}), so bits cached once would belong to other pixels; use --train-transform eval"
+        )
+    if not hasattr(run.data.train_loader, "state_dict"):
+        sys.exit(
+            f"error: --reference-targets {args.reference_targets} needs sample ids, which only streamed data "
+            "carries for now: add --streaming"
+        )
+    path = run.run_dir / "targets.safetensors" if args.reference_targets == "cache" else Path(args.reference_targets)
+    pre = cache_preprocessing(args, run.data)
+    if not path.exists():
+        build_target_cache(run, path, pre)
+    cache = or_exit(TargetCache.load, path, task=run.task, preprocessing=pre)  # a stale cache: one line
+    ids, images = next(iter(_cache_batches(run)))
+    rate = or_exit(cache.verify, run.task, ids, images, max_flip_rate=1e-3)
+    run.say(f"reference targets: {path} ({len(cache)} images, {cache.nbytes_per_image} B each; {rate:.2e} of a "
+            "batch's bits differ from the live reference); the reference is released")  # fmt: skip
+    run.task.release_reference()
+    run.target_cache = cache
+
+
+def _cache_batches(run: Run):
+    """``(ids, clean uint8 images)`` of this rank's share of the training set, in file order (no shuffling)."""
+    args, data = run.args, run.data
+    loader, _ = or_exit(
+        create_loader,
+        args.dataset,
+        args.train_split,
+        batch_size=args.batch_size,
+        shuffle=False,
+        rank=run.accelerator.process_index,
+        world_size=run.accelerator.num_processes,
+        max_samples=args.max_train_samples,
+        data_config=data.data_config,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        streaming=True,
+        num_workers=args.num_workers,
+    )
+    return ((batch.ids, batch[0]) for batch in loader)
+
+
+def build_target_cache(run: Run, path: Path, preprocessing: dict) -> None:
+    """Every rank runs the reference over its shards and writes a part; the main process merges them into ``path``."""
+    from timm_icl.target_cache import TargetCache
+
+    rank, total = run.accelerator.process_index, run.data.train_info.get("num_samples")
+    part_path = path.with_name(f"{path.stem}.part{rank}{path.suffix}")
+    bar = tqdm(total=total, disable=not run.is_main, desc="reference targets", unit="img")
+
+    def counted(batches):
+        for ids, images in batches:
+            bar.update(len(ids) * run.accelerator.num_processes)
+            yield ids, images
+
+    with torch.no_grad():
+        part = or_exit(TargetCache.build, run.task, counted(_cache_batches(run)), preprocessing=preprocessing)
+    bar.close()
+    part.save(part_path)
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        parts = [TargetCache.load(path.with_name(f"{path.stem}.part{r}{path.suffix}"))
+                 for r in range(run.accelerator.num_processes)]  # fmt: skip
+        merged = TargetCache(
+            {layer: torch.cat([p.packed[layer] for p in parts]) for layer in part.layers},
+            part.shapes,
+            [i for p in parts for i in p.ids],
+            part.fingerprint,
+        )
+        tmp = merged.save(path.with_name(path.name + ".tmp"))
+        os.replace(tmp, path)
+        for r in range(run.accelerator.num_processes):
+            path.with_name(f"{path.stem}.part{r}{path.suffix}").unlink()
+    run.accelerator.wait_for_everyone()
 
 
 def stream_state(run: Run) -> dict | None:
@@ -958,8 +1112,10 @@ def train(run: Run) -> tuple[dict | None, bool]:
         if skip and train_loader.batch_sampler is None and not positioned:
             for _ in zip(range(skip), batches, strict=False):
                 pass
-        for (images, labels), weight, is_last in batches:
+        for batch, weight, is_last in batches:
+            images, labels = batch
             check_labels(labels, num_classes)
+            cached = None if run.target_cache is None else run.target_cache.lookup(batch.ids, device=device)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if args.channels_last:
@@ -972,7 +1128,7 @@ def train(run: Run) -> tuple[dict | None, bool]:
             # no_sync: skip DDP's all-reduce on micro-batches that do not end an optimizer step
             with accelerator.no_sync(student) if not sync else contextlib.nullcontext():
                 with accelerator.autocast():
-                    out = task(images, labels)
+                    out = task(images, labels, reference_targets=cached)
                 accelerator.backward(out["loss"] * (weight / args.grad_accum_steps))
             parts = torch.stack([out[k].detach().float() for k in ("loss", "task_loss", "constraint_loss")])
             window += torch.cat([parts, parts.new_ones(1)]) * weight
@@ -1135,6 +1291,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args, accelerator, model_name, init, data, task, student, opt, Path(args.output_dir))
     resume(run)
     open_run_folder(run, data.image_size)
+    setup_target_cache(run)
     previous_handlers = install_signal_handlers(run)
     num_params = sum(p.numel() for p in task.trainable_module.parameters() if p.requires_grad)
     say(
