@@ -684,57 +684,6 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    args: argparse.Namespace
-    accelerator: Accelerator
-    model_name: str
-    init: Path | None
-    data: Data
-    task: ICLTask
-    student: torch.nn.Module  # the prepared (DDP / compiled) student; task.get_eval_model() is the plain one
-    opt: Optimization
-    run_dir: Path
-    position: dict = field(default_factory=lambda: {"epoch": 0, "batch_in_epoch": 0, "step": 0})
-    resumed: bool = False
-    metrics_file: Any = None
-    stop_signal: list = field(default_factory=list)
-    ema_results: dict | None = None  # the last validation of the EMA weights (--model-ema)
-    metrics_records: int = 0  # lines in metrics.jsonl (saved in checkpoints: a resume drops the ones after)
-    guard: NonFiniteGuard | None = None
-    target_cache: Any = None  # cached reference targets (--reference-targets cache|PATH); None: live reference
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def say(self, message: str) -> None:
-        if self.is_main:
-            tqdm.write(message)
-
-    def log(self, record: dict) -> None:
-        if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
-            self.metrics_records += 1
-        if self.args.log_with:
-            step = record.get("step", 0)
-            values = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
-            self.accelerator.log(values, step=step)
-
-    def any_rank(self, flag: bool) -> bool:
-        """True when ``flag`` is true on any process (a collective: every rank must call it)."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        device = self.accelerator.device
-        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # cached reference targets (--reference-targets cache|PATH): one pass of the frozen reference over the training set
 # writes 1 bit per constrained unit and image (timm_icl.target_cache), keyed by the stream's sample ids; the
 # reference is then released and each step looks its bits up instead of running it
