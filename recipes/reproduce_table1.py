@@ -1,452 +1,466 @@
 """Reproduce the paper's Table 1 in miniature, on real data, offline: Fashion-MNIST and a small VGG.
 
-    .venv/bin/python recipes/reproduce_table1.py            # full run (~30-60 min on 2 cores)
-    .venv/bin/python recipes/reproduce_table1.py --quick    # pipeline check (~3 min), not a conclusion
+    .venv/bin/python recipes/reproduce_table1.py                 # Table 1 (~40 min on 2 cores)
+    .venv/bin/python recipes/reproduce_table1.py --quick         # pipeline check (~1 min idle), not a conclusion
+    .venv/bin/python recipes/reproduce_table1.py --train-sizes 3000,12000,54000   # where does ICL help?
+    .venv/bin/python recipes/reproduce_table1.py --report-only results/table1_fashion_mnist.json
 
-What it does, in order (the paper's protocol, scaled down; every choice the paper leaves open is below):
-1. Train the reference (``vgg_tiny``: vgg16's layout with ``pre_logits.fc1/fc2``) on clean images.
-2. Carve a validation split (6,000 images, fixed seed) out of the 60,000 training images. The test set
-   (10,000 images) is only used for the final table.
-3. Lambda sweep {0.125, 0.1, 0.075, 0.05, 0.025} for each constraint (ICL, MSE, AB) with seed 0,
-   selected on the validation split by the mean top-1 over the ten distortion conditions.
-4. With the selected lambdas, fine-tune plain / MSE / ICL / AB for several seeds. Within a seed every
-   method sees the same data order and the same distortion draws (one generator per seed).
-5. Evaluate each model on the test set, clean and under each condition (fixed noise seed), keep the
-   per-image correctness, and write ``results/table1_fashion_mnist.{md,json,png}``: mean and std over
-   seeds, and paired McNemar tests against plain fine-tuning on the same images.
+Every number comes from the code paths users run: each model is trained by ``recipes/train_icl.py``
+(``train_icl.main([...])``, in this process; its run folder under ``--out``/runs/), and evaluated by
+``timm-icl eval`` on the exported model (``timm_icl.cli.main([...])``: ``evaluate_robustness``, noise seeded per
+image, per-image correctness kept). Tables, plots, intervals and paired tests come from ``timm_icl.results``.
+
+The protocol (the paper's, scaled down; every choice the paper leaves open is below):
+1. Carve a validation split (6,000 images, fixed seed) out of the 60,000 training images; the remaining 54,000
+   (in a fixed random order) are the fitting data, written once as parquet under ``--out``/runs/<name>/data. The
+   test set (10,000 images) is only used for the final table.
+2. Train the reference (``vgg_tiny``: vgg16's layout with ``pre_logits.fc1/fc2``) on clean images.
+3. Lambda sweep {0.125, 0.1, 0.075, 0.05, 0.025} for each constraint (ICL, MSE, AB) with seed 0, selected on the
+   validation split by the mean top-1 over the ten distortion conditions.
+4. With the selected lambdas, fine-tune plain / MSE / ICL / AB from the reference for several seeds. Within a seed
+   every method sees the same data order and the same distortion draws.
+5. Evaluate every model on the test set, clean and under each condition (noise seed 0), and write
+   ``results/table1_fashion_mnist.{md,json,png}``: mean ± std over seeds, 95% intervals, and paired tests against
+   plain fine-tuning on the same images (per-image accuracy averaged over seeds and sigmas).
+
+``--train-sizes 3000,12000,54000`` runs the whole protocol (reference, lambda sweep, seeds) on the first N fitting
+images for each N and writes ``results/train_size_sweep.{md,json,png}``: the ICL - fine-tuning gain on noise and
+blur against the training-set size, with 95% intervals and paired tests (``--shared-reference`` trains one
+reference on the largest size instead: a practitioner's pretrained model, fine-tuned on less data).
 
 Distortions: the paper's sigmas are meant for 224 px ImageNet images; for 28 px images the set is
-``timm_icl.SMALL_IMAGE_DISTORTIONS`` (noise 30..150, blur 1..3 px with the paper's kernel rule), chosen
-so that the clean reference falls from mild to severe across the five levels of each type; the output
-prints the reference's accuracy per level to show it.
+``timm_icl.SMALL_IMAGE_DISTORTIONS`` (noise 30..150, blur 1..3 px with the paper's kernel rule), chosen so that the
+clean reference falls from mild to severe across the five levels of each type (the report shows it).
 
-Open choices (paper silent): one model per method trained on noise and blur together, one condition
-drawn uniformly per image, noise clamped to [0, 1], reflect-101 blur borders, no crop (28 px images are
-used whole), SGD momentum 0.9, weight decay 5e-4, cosine learning-rate decay. The paper's learning rate
-0.001 is for an ImageNet-trained VGG-16 over 40 epochs; here fine-tuning runs a few epochs, so it
-uses 0.01 (set ``--ft-lr``).
+Open choices (paper silent): one model per method trained on noise and blur together, one condition drawn
+uniformly per image, noise clamped to [0, 1], reflect-101 blur borders, no crop (28 px images are used whole), SGD
+with momentum 0.9 (timm's ``momentum`` optimizer), weight decay 5e-4 (not on biases and norms, timm's default),
+cosine learning-rate decay. The paper's learning rate 0.001 is for an ImageNet-trained VGG-16 over 40 epochs;
+here fine-tuning runs a few epochs, so it uses 0.01 (``--ft-lr``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
+import statistics
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import timm
 import torch
 
-import timm_icl
-from timm_icl import ICLTask, parse_distortions
-from timm_icl.fashion_mnist import fashion_mnist_root, load_fashion_mnist, local_files_available
-from timm_icl.results import paired_z_test
+RECIPES = Path(__file__).resolve().parent
+sys.path.insert(0, str(RECIPES))
+
+import train_icl  # noqa: E402  (the training recipe, imported: one training loop)
+
+import timm_icl  # noqa: E402
+from timm_icl import cli, parse_distortions  # noqa: E402
+from timm_icl.fashion_mnist import CLASS_NAMES, fashion_mnist_root, load_fashion_mnist, local_files_available  # noqa: E402
+from timm_icl.results import (  # noqa: E402
+    canonical_json,
+    compare_runs,
+    format_comparison,
+    format_table,
+    load_results,
+    pack_result,
+    plot_accuracy_vs_sigma,
+    unpack_result,
+)
+
+NAMES = {"none": "Fine-tuning", "icl": "ICL (proposed)", "mse": "MSE", "ab": "AB (Heo et al.)"}  # report order
+SPLIT_SEED = 12345
 
 
-# ----------------------------------------------------------------------------------------- data
-def load_all_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """All of Fashion-MNIST in memory (timm_icl's IDX reader): uint8 ``[N, 28, 28]`` images, int64 labels."""
-    if not (local_files_available("train") and local_files_available("test")):
-        raise SystemExit(
-            f"Fashion-MNIST not found in {fashion_mnist_root()}; install it with "
-            "`apt-get install dataset-fashion-mnist` (or run `bash .ci/setup`), or set TIMM_ICL_FASHION_MNIST"
-        )
-    out = {}
-    for split in ("train", "test"):
-        images, labels = load_fashion_mnist(split)
-        out[split] = (torch.from_numpy(images.copy()), torch.from_numpy(labels))
-    return out
-
-
-def pack_bits(correct: list[int]) -> str:
-    """Per-image 0/1 correctness -> hex of the packed bits (keeps the results JSON small)."""
-    return np.packbits(np.asarray(correct, dtype=np.uint8)).tobytes().hex()
-
-
-def unpack_bits(packed: str, count: int) -> list[int]:
-    return np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))[:count].astype(int).tolist()
-
-
-def to_rgb01(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, 28, 28]`` greyscale -> float ``[B, 3, 28, 28]`` in [0, 1] (the model takes RGB)."""
-    return images_u8.float().div_(255).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-
-
-def batches(images, labels, batch_size, generator=None):
-    """Yield ``(float images [B, 3, 28, 28] in [0, 1], labels [B])``, shuffled when a generator is given."""
-    n = len(labels)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for i in range(0, n, batch_size):
-        idx = order[i : i + batch_size]
-        yield to_rgb01(images[idx]), labels[idx]
-
-
-# ------------------------------------------------------------------------------------- training
-def train(task: ICLTask, data, *, epochs: int, lr: float, batch_size: int, seed: int, log_prefix: str) -> dict:
-    """SGD (momentum 0.9, wd 5e-4) with cosine decay; one data-order generator per seed. Returns timings."""
-    images, labels = data
-    model = task.trainable_module
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    steps = epochs * math.ceil(len(labels) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    order_gen = torch.Generator().manual_seed(seed)
-    task.train()
-    start, seen = time.perf_counter(), 0
-    for epoch in range(epochs):
-        sums = {"task_loss": 0.0, "constraint_loss": 0.0}
-        n_batches = 0
-        for x, y in batches(images, labels, batch_size, order_gen):
-            out = task(x, y)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-            sched.step()
-            sums["task_loss"] += float(out["task_loss"])
-            sums["constraint_loss"] += float(out["constraint_loss"])
-            n_batches += 1
-            seen += len(y)
-        elapsed = time.perf_counter() - start
-        print(
-            f"  {log_prefix} epoch {epoch + 1}/{epochs}: ce {sums['task_loss'] / n_batches:.4f} "
-            f"constraint {sums['constraint_loss'] / n_batches:.4f} ({seen / elapsed:.0f} img/s)",
-            flush=True,
-        )
-    task.eval()
-    return {"seconds": time.perf_counter() - start, "images_per_s": seen / (time.perf_counter() - start)}
-
-
-@torch.no_grad()
-def evaluate(model, data, distortions, *, batch_size: int = 1000, seed: int = 0) -> dict:
-    """Top-1 per condition with per-image correctness. Each batch is decoded once and every condition is
-    applied to it; the noise generator is seeded per (condition, batch) so results do not depend on order."""
-    model.eval()
-    images, labels = data
-    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(model.pretrained_cfg["std"]).view(1, -1, 1, 1)
-    conditions = [timm_icl.Distortion("clean")] + list(distortions)
-    correct = {c.name: [] for c in conditions}
-    for b, (x, y) in enumerate(batches(images, labels, batch_size)):
-        for ci, cond in enumerate(conditions):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + ci * 10_007 + b)
-            pred = model((cond(x, generator=gen) - mean) / std).argmax(-1)
-            correct[cond.name].append((pred == y).to(torch.uint8))
-    per_image = {k: torch.cat(v) for k, v in correct.items()}
-    top1 = {k: float(v.float().mean()) for k, v in per_image.items()}
-    summary = {"clean": top1["clean"]}
-    for kind in distortions.kinds():
-        summary[kind] = float(np.mean([top1[c.name] for c in distortions.of_kind(kind)]))
-    summary["distorted"] = float(np.mean([top1[c.name] for c in distortions]))
-    return {"top1": top1, "summary": summary, "per_image": {k: v.tolist() for k, v in per_image.items()}}
-
-
-# ---------------------------------------------------------------------------------- statistics
-def mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
-# ----------------------------------------------------------------------------------------- main
-def main() -> None:
+# ---------------------------------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--quick", action="store_true", help="2 seeds, 1 epoch, 2 lambdas, data subsets: checks the pipeline"
-    )
+    parser.add_argument("--quick", action="store_true", help="small subsets, 1 epoch, 2 lambdas, 2 seeds: a check")
     parser.add_argument("--model", default="vgg_tiny")
     parser.add_argument("--distortions", default="small", help="distortion set text, or 'small' (28 px) / 'paper'")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per method (>= 3 for the sweep)")
     parser.add_argument("--ref-epochs", type=int, default=8)
     parser.add_argument("--ref-lr", type=float, default=0.05)
+    parser.add_argument("--ref-batch-size", type=int, default=128)
     parser.add_argument("--ft-epochs", type=int, default=3)
     parser.add_argument("--ft-lr", type=float, default=0.01)
-    parser.add_argument("--batch-size", type=int, default=64, help="the paper's batch size")
+    parser.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch (the paper's)")
     parser.add_argument("--lambdas", default="0.125,0.1,0.075,0.05,0.025", help="the paper's sweep")
     parser.add_argument("--constraints", default="icl,mse,ab")
     parser.add_argument("--val-size", type=int, default=6000)
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--test-size", type=int, default=None, help="first N test images (default: all 10,000)")
+    parser.add_argument("--train-sizes", default=None, help="e.g. 3000,12000,54000: the training-set-size sweep")
+    parser.add_argument("--shared-reference", action="store_true", help="sweep: one reference, on the largest size")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="reports here, run folders in OUT/runs/")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument(
-        "--report-only", type=Path, default=None, help="rebuild the Markdown and plot from a results JSON"
-    )
-    args = parser.parse_args()
-    if args.report_only is not None:
-        rebuild_report(args.report_only)
-        return
-    if args.quick:
-        args.seeds, args.ref_epochs, args.ft_epochs, args.lambdas = 2, 1, 1, "0.1,0.05"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lambdas = [float(v) for v in args.lambdas.split(",")]
-    constraints = [c for c in args.constraints.split(",") if c]
-    distortions = parse_distortions(args.distortions)
-    wall_start = time.perf_counter()
+    parser.add_argument("--report-only", type=Path, default=None, help="rebuild the Markdown and plot from a JSON")
+    return parser
 
-    data = load_all_splits()
-    train_images, train_labels = data["train"]
-    split_gen = torch.Generator().manual_seed(12345)
-    perm = torch.randperm(len(train_labels), generator=split_gen)
-    val_idx, fit_idx = perm[: args.val_size], perm[args.val_size :]
-    fit = (train_images[fit_idx], train_labels[fit_idx])
-    val = (train_images[val_idx], train_labels[val_idx])
-    test = data["test"]
-    if args.quick:  # small subsets: the quick mode checks the pipeline, not the conclusion
-        fit = (fit[0][:6000], fit[1][:6000])
-        val = (val[0][:1000], val[1][:1000])
-        test = (test[0][:2000], test[1][:2000])
-    print(f"data: fit {len(fit[1])}, val {len(val[1])}, test {len(test[1])}; distortions {distortions.to_text()}")
 
-    # 1. the reference, trained on clean images with the same task (constraint none, every image clean)
-    torch.manual_seed(0)
-    reference = timm.create_model(args.model, num_classes=10)
-    ref_task = ICLTask(reference, constraint="none", clean_fraction=1.0, seed=0)
-    print(f"[reference] {args.model}, {args.ref_epochs} epochs on clean images")
-    ref_time = train(ref_task, fit, epochs=args.ref_epochs, lr=args.ref_lr, batch_size=128, seed=0, log_prefix="ref")
-    reference_state = {k: v.clone() for k, v in reference.state_dict().items()}
-    ref_val = evaluate(reference, val, distortions)
-    print("  reference on val: " + ", ".join(f"{k} {v:.3f}" for k, v in ref_val["top1"].items()))
+def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.quick:  # the pipeline end to end on small subsets: checks the code, not the conclusion
+        args.seeds, args.ref_epochs, args.ft_epochs, args.lambdas = 2, 2, 1, "0.1,0.05"
+        args.val_size, args.test_size = 150, args.test_size or 300
+        args.constraints = "icl,mse" if args.constraints == "icl,mse,ab" else args.constraints
+    sizes = [int(s) for s in args.train_sizes.split(",")] if args.train_sizes else None
+    args.sizes = sizes or [600 if args.quick else 60000 - args.val_size]
+    args.mode = "train_sizes" if sizes else "table1"
+    if args.mode == "train_sizes" and args.seeds < 3 and not args.quick:
+        sys.exit("error: the training-set-size sweep needs --seeds 3 or more (paired tests over seeds)")
+    if max(args.sizes) > 60000 - args.val_size:
+        sys.exit(f"error: --train-sizes up to {60000 - args.val_size} (60,000 minus the validation split)")
+    return args
 
-    def fine_tune(constraint: str, lam: float | None, seed: int) -> torch.nn.Module:
-        torch.manual_seed(seed)
-        student = timm.create_model(args.model, num_classes=10)
-        student.load_state_dict(reference_state)
-        task = ICLTask(student, constraint=constraint, constraint_weight=lam, distortions=distortions, seed=seed)
-        label = f"{constraint} lambda={task.constraint_weight:g} seed={seed}"
-        timing = train(
-            task, fit, epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.batch_size, seed=seed, log_prefix=label
+
+def stem_of(args: argparse.Namespace) -> str:
+    return ("train_size_sweep" if args.mode == "train_sizes" else "table1_fashion_mnist") + ("_quick" * args.quick)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data: the validation split carved out of Fashion-MNIST's training images, as parquet the recipe reads
+# ---------------------------------------------------------------------------------------------------------------------
+def prepare_data(args: argparse.Namespace, data_dir: Path) -> Path:
+    """``data_dir/{train,validation}.parquet``: the first max(sizes) fitting images and the validation split."""
+    import datasets
+    from PIL import Image
+
+    if not (local_files_available("train") and local_files_available("test")):
+        sys.exit(
+            f"Fashion-MNIST not found in {fashion_mnist_root()}; install it with "
+            "`apt-get install dataset-fashion-mnist` (or run `bash .ci/setup`), or set TIMM_ICL_FASHION_MNIST"
         )
-        student.timing = timing
-        return student
+    images, labels = load_fashion_mnist("train")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED)).numpy()
+    splits = {"validation": order[: args.val_size], "train": order[args.val_size :][: max(args.sizes)]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, index in splits.items():
+        rows = {"image": [Image.fromarray(images[i]) for i in index], "label": labels[index].tolist()}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(data_dir / f"{split}.parquet"))
+    return data_dir
 
-    # 2-3. lambda sweep on the validation split, seed 0
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one training run (the recipe) and one evaluation (timm-icl eval)
+# ---------------------------------------------------------------------------------------------------------------------
+def train_run(
+    args: argparse.Namespace,
+    data_dir: Path,
+    run_dir: Path,
+    *,
+    size: int,
+    constraint: str,
+    lam: float | None = None,
+    seed: int = 0,
+    init: Path | None = None,
+) -> Path:
+    """Train one model with ``train_icl.main``; ``init=None`` trains the reference on clean images. Returns the
+    exported model folder (``run_dir/model``)."""
+    common = ["--dataset", str(data_dir), "--train-split", "train", "--val-split", "none"]
+    common += ["--max-train-samples", str(size), "--opt", "momentum", "--momentum", "0.9", "--weight-decay", "5e-4"]
+    common += ["--sched", "cosine", "--seed", str(seed), "--num-workers", "0", "--checkpoint-every-epochs", "0"]
+    common += ["--output-dir", str(run_dir), "--log-every", "20", "--distortions", args.distortions]
+    if init is None:  # the reference: plain training on clean images
+        argv = ["--model", args.model, "--no-pretrained", "--num-classes", str(len(CLASS_NAMES))]
+        argv += ["--constraint", "none", "--clean-fraction", "1.0", "--epochs", str(args.ref_epochs)]
+        argv += ["--lr", str(args.ref_lr), "--batch-size", str(args.ref_batch_size)]
+    else:
+        argv = ["--init-checkpoint", str(init), "--constraint", constraint, "--epochs", str(args.ft_epochs)]
+        argv += ["--lr", str(args.ft_lr), "--batch-size", str(args.batch_size)]
+        argv += ["--constraint-weight", str(lam)] if lam is not None and constraint != "none" else []
+    print(f"[train] {run_dir.name}", flush=True)
+    train_icl.main(common + argv)
+    return run_dir / "model"
+
+
+def evaluate_run(args: argparse.Namespace, model_dir: Path, dataset: str, split: str, size: int | None) -> dict:
+    """``timm-icl eval`` on an exported model (in this process); writes ``<run>/<split>.json`` and returns it."""
+    out = model_dir.parent / f"{split}.json"
+    argv = ["eval", str(model_dir), "--dataset", dataset, "--split", split, "--distortions", args.distortions]
+    argv += ["--seed", "0", "--batch-size", "250", "-o", str(out), "-q"]
+    argv += ["--max-samples", str(size)] if size else []
+    if cli.main(argv) != 0:
+        raise SystemExit(f"error: timm-icl eval failed on {model_dir}")
+    return load_results(out)
+
+
+def images_per_second(run_dir: Path) -> float | None:
+    """Training throughput of a run: the last train record of its metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [r["images_per_s"] for r in records if "images_per_s" in r and r.get("kind", "train") == "train"]
+    return rates[-1] if rates else None
+
+
+def distorted_mean(result: dict) -> float:
+    """The lambda-selection score: mean top-1 over every distortion condition (not clean)."""
+    return statistics.fmean(c["top1"] for c in result["conditions"].values() if c["kind"] != "clean")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the protocol at one training-set size
+# ---------------------------------------------------------------------------------------------------------------------
+def run_protocol(args: argparse.Namespace, data_dir: Path, runs: Path, size: int, reference: Path | None) -> dict:
+    """Reference (unless given), lambda sweep on validation (seed 0), then every method for ``args.seeds`` seeds,
+    each evaluated on the test set. Returns the protocol's record (results unpacked)."""
+    constraints = [c for c in args.constraints.split(",") if c]
+    lambdas = [float(v) for v in args.lambdas.split(",")]
+    runs = runs / f"n{size}"
+    if reference is None:
+        reference = train_run(args, data_dir, runs / "reference", size=size, constraint="none")
+    record: dict = {"train_size": size, "reference_model": str(reference)}
+    record["reference_val"] = evaluate_run(args, reference, str(data_dir), "validation", None)
+    record["reference_test"] = evaluate_run(args, reference, "fashion-mnist", "test", args.test_size)
+
     sweep: dict[str, dict[str, float]] = {}
     selected: dict[str, float] = {"none": 0.0}
     for constraint in constraints:
         sweep[constraint] = {}
         for lam in lambdas:
-            model = fine_tune(constraint, lam, seed=0)
-            score = evaluate(model, val, distortions)["summary"]["distorted"]
+            run_dir = runs / f"sweep_{constraint}_l{lam:g}"
+            model = train_run(args, data_dir, run_dir, size=size, constraint=constraint, lam=lam, init=reference)
+            score = distorted_mean(evaluate_run(args, model, str(data_dir), "validation", None))
             sweep[constraint][f"{lam:g}"] = score
-            print(f"[sweep] {constraint} lambda {lam:g}: val distorted top-1 {score:.4f}", flush=True)
-        best = max(sweep[constraint], key=sweep[constraint].get)
-        selected[constraint] = float(best)
-        print(f"[sweep] {constraint}: selected lambda {best} (paper: icl 0.1, mse 0.05)")
+            print(f"[sweep n={size}] {constraint} lambda {lam:g}: validation distorted top-1 {score:.4f}", flush=True)
+        selected[constraint] = float(max(sweep[constraint], key=sweep[constraint].get))
+        print(f"[sweep n={size}] {constraint}: lambda {selected[constraint]:g} (paper: icl 0.1, mse 0.05)")
+    record.update(sweep=sweep, selected_lambda=selected)
 
-    # 4-5. final runs on the test set
-    methods = ["none"] + constraints
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    timings: dict[str, list[float]] = {m: [] for m in methods}
+    record["runs"] = {m: [] for m in ["none"] + constraints}
+    speed: dict[str, list[float]] = {m: [] for m in record["runs"]}
     for seed in range(args.seeds):
-        for method in methods:
-            model = fine_tune(method, selected[method], seed=seed)
-            results[method].append(evaluate(model, test, distortions))
-            timings[method].append(model.timing["images_per_s"])
-    ref_test = evaluate(reference, test, distortions)
-    wall = time.perf_counter() - wall_start
-
-    report = build_report(args, distortions, ref_test, ref_val, results, selected, sweep, timings, ref_time, wall)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "table1_fashion_mnist_quick" if args.quick else "table1_fashion_mnist"
-    (args.out / f"{stem}.md").write_text(report["markdown"])
-    (args.out / f"{stem}.json").write_text(json.dumps(report["json"]))
-    plot(results, ref_test, distortions, args.out / f"{stem}.png")
-    print(report["markdown"])
-    print(f"wrote {args.out / stem}.md/.json/.png in {wall / 60:.1f} min")
+        for method in record["runs"]:
+            run_dir = runs / f"{method}_s{seed}"
+            lam = selected[method]
+            model = train_run(args, data_dir, run_dir, size=size, constraint=method, lam=lam, seed=seed, init=reference)
+            record["runs"][method].append(evaluate_run(args, model, "fashion-mnist", "test", args.test_size))
+            rate = images_per_second(run_dir)
+            speed[method] += [rate] if rate else []
+    record["images_per_s"] = {m: statistics.median(v) for m, v in speed.items() if v}
+    return record
 
 
-NAMES = {"none": "Fine-tuning", "mse": "MSE", "icl": "ICL (proposed)", "ab": "AB (Heo et al.)"}
+# ---------------------------------------------------------------------------------------------------------------------
+# reports (timm_icl.results: tables, paired tests, plots)
+# ---------------------------------------------------------------------------------------------------------------------
+def method_name(method: str, record: dict) -> str:
+    lam = record["selected_lambda"][method]
+    return NAMES.get(method, method) + (f", λ={lam:g}" if method != "none" else "")
 
 
-def build_report(args, distortions, ref_test, ref_val, results, selected, sweep, timings, ref_time, wall) -> dict:
-    cond_names = [c.name for c in distortions]
+def in_order(keys) -> list[str]:
+    """Methods in report order (NAMES'), whatever order a JSON file (sorted keys) gave them."""
+    return sorted(keys, key=lambda m: (list(NAMES).index(m) if m in NAMES else len(NAMES), m))
+
+
+def by_name(record: dict) -> dict[str, list[dict]]:
+    return {method_name(m, record): record["runs"][m] for m in in_order(record["runs"])}
+
+
+def protocol_report(config: dict, record: dict, level: str = "##") -> list[str]:
+    """Markdown of one protocol: the table, paired tests, the sweep, the distortion check, cost."""
+    named = by_name(record)
     lines = [
-        "# Table 1 in miniature: Fashion-MNIST, "
-        + args.model
-        + ("  (QUICK MODE: pipeline check only)" if args.quick else ""),
+        f"{level} Test-set top-1 (%), {len(next(iter(named.values())))} seeds, {record['train_size']} training images",
         "",
-        f"Test set top-1 (%), mean ± std over {args.seeds} seeds. Noise/Blur = mean over the five sigmas. "
-        f"Distortions: `{distortions.to_text()}` (the paper's set scaled to 28 px). "
-        f"Reference: {args.ref_epochs} epochs on clean images; fine-tuning: {args.ft_epochs} epochs, batch "
-        f"{args.batch_size}, SGD lr {args.ft_lr}; lambda selected on a {args.val_size}-image validation split.",
+        format_table({"reference (no fine-tuning)": record["reference_test"], **named}, digits=2, percent=True),
         "",
-        "| method | lambda | clean | noise | blur | " + " | ".join(cond_names) + " |",
-        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in cond_names) + " |",
+        "Cells: mean ± std over seeds (clean, noise and blur means), mean over seeds (each sigma).",
+        "",
+        f"{level}# Intervals and paired tests against plain fine-tuning",
+        "",
+        format_comparison(named, baseline=method_name("none", record)),
+        "",
+        f"{level}# Lambda sweep (validation split, seed 0, mean top-1 % over the distortion conditions)",
+        "",
     ]
-    ref_row = ref_test["summary"]
-    lines.append(
-        f"| reference (no fine-tuning) | - | {100 * ref_row['clean']:.2f} | {100 * ref_row['noise']:.2f} | "
-        f"{100 * ref_row['blur']:.2f} | " + " | ".join(f"{100 * ref_test['top1'][c]:.2f}" for c in cond_names) + " |"
-    )
-    table_json = {}
-    for method, runs in results.items():
-        cells = {}
-        for key in ("clean", "noise", "blur"):
-            cells[key] = mean_std([r["summary"][key] for r in runs])
-        for c in cond_names:
-            cells[c] = mean_std([r["top1"][c] for r in runs])
-        table_json[method] = {k: {"mean": m, "std": s} for k, (m, s) in cells.items()}
-        fmt = [f"{100 * cells[k][0]:.2f} ± {100 * cells[k][1]:.2f}" for k in ("clean", "noise", "blur")]
-        fmt += [f"{100 * cells[c][0]:.2f}" for c in cond_names]
-        lines.append(f"| {NAMES.get(method, method)} | {selected[method]:g} | " + " | ".join(fmt) + " |")
+    if record["sweep"]:
+        lams = sorted(next(iter(record["sweep"].values())), key=float, reverse=True)
+        lines += ["| constraint | " + " | ".join(lams) + " | selected |", "| --- |" + " ---: |" * (len(lams) + 1)]
+        for constraint in in_order(record["sweep"]):
+            scores = record["sweep"][constraint]
+            cells = " | ".join(f"{100 * scores[k]:.2f}" for k in lams)
+            lines.append(f"| {constraint} | {cells} | {record['selected_lambda'][constraint]:g} |")
+    lines += [
+        "",
+        f"{level}# The distortion protocol at 28 px: the reference on the validation split falls from mild to severe",
+        "",
+        format_table({"reference (validation)": record["reference_val"]}, digits=1, percent=True),
+        "",
+    ]
+    speed = record.get("images_per_s", {})
+    if speed:
+        text = ", ".join(f"{NAMES.get(m, m)} {speed[m]:.0f}" for m in in_order(speed))
+        ratio = f"; ICL step time / plain: {speed['none'] / speed['icl']:.2f}x" if "icl" in speed else ""
+        lines += [f"Training throughput (img/s, median over seeds, this machine): {text}{ratio}.", ""]
+    return lines
 
-    # Paired tests against plain fine-tuning on the same test images. Each image's score is its accuracy
-    # averaged over the seeds (and, for noise/blur, the five sigmas): the conditions and seeds of one image
-    # are not independent trials, so pooling them into one McNemar test would overstate significance.
-    lines += [
-        "",
-        "## Paired tests against plain fine-tuning (same images; per-image score averaged over seeds and sigmas)",
-        "",
+
+def gains(record: dict, constraint: str = "icl") -> dict[str, dict]:
+    """``{group: compare_runs(constraint runs, fine-tuning runs, group)}`` for clean, noise and blur."""
+    return {g: compare_runs(record["runs"][constraint], record["runs"]["none"], g) for g in ("clean", "noise", "blur")}
+
+
+def gains_table(records: list[dict]) -> str:
+    """Markdown: constraint - fine-tuning in top-1 points per training-set size, 95% intervals, p-values, seeds."""
+    lines = [
+        "| training images | constraint | λ | clean Δ [95% CI] | noise Δ [95% CI] | p (noise) | seeds better (noise) "
+        "| blur Δ [95% CI] | p (blur) | seeds better (blur) |",
+        "| ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |",
     ]
-    lines += [
-        "| method | group | difference (points) | z | p-value | seeds where method > FT |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    tests = {}
-    groups = {
-        "clean": ["clean"],
-        "noise": [c.name for c in distortions.of_kind("noise")],
-        "blur": [c.name for c in distortions.of_kind("blur")],
-    }
-    for method in results:
-        if method == "none":
-            continue
-        tests[method] = {}
-        for group, names in groups.items():
-            a = [r["per_image"][n] for r in results[method] for n in names]
-            b = [r["per_image"][n] for r in results["none"] for n in names]
-            t = paired_z_test(a, b)
-            key = "clean" if group == "clean" else group
-            wins = sum(m["summary"][key] > f["summary"][key] for m, f in zip(results[method], results["none"]))
-            t["seeds_better"] = wins
-            tests[method][group] = t
+    for record in records:
+        for constraint in in_order(m for m in record["runs"] if m != "none"):
+            g = gains(record, constraint)
+            cell = {
+                k: f"{100 * v['mean_difference']:+.2f} [{100 * v['low']:+.2f}, {100 * v['high']:+.2f}]"
+                for k, v in g.items()
+            }
             lines.append(
-                f"| {NAMES.get(method, method)} | {group} | {100 * t['mean_difference']:+.2f} | {t['z']:.2f} | "
-                f"{t['p_value']:.3g} | {wins}/{len(results[method])} |"
+                f"| {record['train_size']} | {NAMES.get(constraint, constraint)} | "
+                f"{record['selected_lambda'][constraint]:g} | {cell['clean']} | {cell['noise']} | "
+                f"{g['noise']['p_value']:.3g} | {g['noise']['runs_better']}/{g['noise']['runs']} | {cell['blur']} | "
+                f"{g['blur']['p_value']:.3g} | {g['blur']['runs_better']}/{g['blur']['runs']} |"
             )
-
-    lines += ["", "## Lambda sweep (validation split, seed 0, mean top-1 over the ten distortion conditions)", ""]
-    lines += ["| constraint | " + " | ".join(next(iter(sweep.values())).keys()) + " | selected |"] if sweep else []
-    lines += ["| --- | " + " | ".join("---" for _ in next(iter(sweep.values()))) + " | --- |"] if sweep else []
-    for constraint, scores in sweep.items():
-        lines.append(
-            f"| {constraint} | "
-            + " | ".join(f"{100 * v:.2f}" for v in scores.values())
-            + f" | {selected[constraint]:g} |"
-        )
-
-    lines += ["", "## The distortion protocol at 28 px: the clean reference falls from mild to severe (validation)", ""]
-    lines += [
-        "| condition | " + " | ".join(["clean"] + cond_names) + " |",
-        "| --- | " + " | ".join("---" for _ in range(len(cond_names) + 1)) + " |",
-    ]
-    lines.append(
-        "| reference top-1 | " + " | ".join(f"{100 * ref_val['top1'][c]:.1f}" for c in ["clean"] + cond_names) + " |"
-    )
-    speed = {m: float(np.median(v)) for m, v in timings.items()}
-    lines += [
-        "",
-        "## Cost",
-        "",
-        "Training throughput (img/s, median over runs, this machine): "
-        + ", ".join(f"{NAMES.get(m, m)} {v:.0f}" for m, v in speed.items())
-        + f". ICL step time / plain: {speed['none'] / speed['icl']:.2f}x."
-        if "icl" in speed
-        else "",
-        "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"timm {timm.__version__}. Wall time of the whole run: {wall / 60:.1f} min (other jobs shared the CPU).",
-        "",
-    ]
-    payload = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "distortions": distortions.to_text(),
-        "selected_lambda": selected,
-        "sweep": sweep,
-        "table": table_json,
-        "paired_tests_vs_plain": tests,
-        "reference_test": ref_test["top1"],
-        "reference_val": ref_val["top1"],
-        "runs": {m: [{"top1": r["top1"], "summary": r["summary"]} for r in runs] for m, runs in results.items()},
-        # per-image correctness as hex-packed bits: "count" images per list (see unpack_bits)
-        "per_image_count": len(next(iter(results.values()))[0]["per_image"]["clean"]),
-        "per_image": {
-            m: [{c: pack_bits(v) for c, v in r["per_image"].items()} for r in runs] for m, runs in results.items()
-        },
-        "images_per_s": speed,
-        "wall_seconds": wall,
-    }
-    return {"markdown": "\n".join(lines), "json": payload}
+    return "\n".join(lines)
 
 
-def _as_list(per_image: str | list[int], count: int | None) -> list[int]:
-    # results written before per-image bits were packed hold plain lists
-    return per_image if isinstance(per_image, list) else unpack_bits(per_image, count)
-
-
-def rebuild_report(json_path: Path) -> None:
-    """Re-render ``.md`` and ``.png`` from a results JSON written by a previous run (no training)."""
-    saved = json.loads(json_path.read_text())
-    args = argparse.Namespace(**saved["config"])
-    distortions = parse_distortions(saved["distortions"])
-    results = {
-        m: [
-            {**run, "per_image": {c: _as_list(v, saved.get("per_image_count")) for c, v in per_image.items()}}
-            for run, per_image in zip(saved["runs"][m], saved["per_image"][m])
-        ]
-        for m in saved["runs"]
-    }
-    ref_test = {"top1": saved["reference_test"]}
-    ref_test["summary"] = {"clean": ref_test["top1"]["clean"]}
-    for kind in distortions.kinds():
-        ref_test["summary"][kind] = float(np.mean([ref_test["top1"][c.name] for c in distortions.of_kind(kind)]))
-    timings = {m: [v] for m, v in saved["images_per_s"].items()}
-    report = build_report(
-        args,
-        distortions,
-        ref_test,
-        {"top1": saved["reference_val"]},
-        results,
-        saved["selected_lambda"],
-        saved["sweep"],
-        timings,
-        None,
-        saved["wall_seconds"],
-    )
-    json_path.with_suffix(".md").write_text(report["markdown"])
-    for key in ("paired_tests_vs_plain", "per_image", "per_image_count"):
-        saved[key] = report["json"][key]
-    json_path.write_text(json.dumps(saved))
-    plot(results, ref_test, distortions, json_path.with_suffix(".png"))
-    print(report["markdown"])
-
-
-def plot(results, ref_test, distortions, path: Path) -> None:
+def plot_gains(records: list[dict], path: Path) -> Path:
+    """PNG: constraint - fine-tuning (points, 95% interval) against the training-set size, noise and blur panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = distortions.kinds()
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4))
-    axes = np.atleast_1d(axes)
-    for ax, kind in zip(axes, kinds):
-        conds = distortions.of_kind(kind)
-        sig = [0.0] + [c.sigma for c in conds]
-        names = ["clean"] + [c.name for c in conds]
-        ax.plot(sig, [100 * ref_test["top1"][n] for n in names], "k--", label="reference (no fine-tuning)")
-        for method, runs in results.items():
-            mean = [100 * np.mean([r["top1"][n] for r in runs]) for n in names]
-            std = [100 * np.std([r["top1"][n] for r in runs]) for n in names]
-            ax.errorbar(sig, mean, yerr=std, marker="o", capsize=3, label=NAMES.get(method, method))
-        ax.set_xlabel("noise sigma (0-255)" if kind == "noise" else "blur sigma (px)")
-        ax.set_ylabel("test top-1 (%)")
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4), squeeze=False)
+    constraints = in_order(m for m in records[0]["runs"] if m != "none")
+    for ax, group in zip(axes[0], ("noise", "blur")):
+        for constraint in constraints:
+            points = [(r["train_size"], gains(r, constraint)[group]) for r in records]
+            xs = [x for x, _ in points]
+            ys = [100 * g["mean_difference"] for _, g in points]
+            err = [
+                [100 * (g["mean_difference"] - g["low"]) for _, g in points],
+                [100 * (g["high"] - g["mean_difference"]) for _, g in points],
+            ]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=NAMES.get(constraint, constraint))
+        ax.axhline(0.0, color="k", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training images (log scale)")
+        ax.set_ylabel(f"{group}: top-1 gain over fine-tuning (points)")
+        ax.set_title(f"Gaussian {group}, mean over sigmas and seeds, 95% CI")
         ax.grid(alpha=0.3)
-        ax.set_title(f"Fashion-MNIST, {kind}")
-    axes[-1].legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(payload: dict, json_path: Path) -> str:
+    """``.md`` and ``.png`` next to ``json_path`` from a payload (results unpacked). Returns the Markdown."""
+    config, records = payload["config"], payload["protocols"]
+    quick = "  (QUICK MODE: pipeline check only)" if config.get("quick") else ""
+    setup = (
+        f"Distortions `{payload['distortions']}` (the paper's set scaled to 28 px). Reference: {config['ref_epochs']} "
+        f"epochs on clean images; fine-tuning: {config['ft_epochs']} epochs, batch {config['batch_size']}, SGD "
+        f"momentum lr {config['ft_lr']}; lambda selected on a {config['val_size']}-image validation split. Test set: "
+        f"{records[0]['reference_test']['num_samples']} images, noise seed 0. Every model trained by "
+        "`recipes/train_icl.py` and evaluated by `timm-icl eval`; each run's folder is under runs/."
+    )
+    footer = [
+        f"Machine: {payload['machine']}. Wall time of the whole run: {payload['wall_seconds'] / 60:.1f} min "
+        "(other jobs shared the CPU).",
+        "",
+    ]
+    if payload["mode"] == "table1":
+        record = records[0]
+        lines = [f"# Table 1 in miniature: Fashion-MNIST, {config['model']}{quick}", "", setup, ""]
+        lines += protocol_report(config, record) + footer
+        plot_accuracy_vs_sigma(
+            by_name(record), json_path.with_suffix(".png"), reference=record["reference_test"], metric="top1"
+        )
+    else:
+        lines = [f"# Where does ICL help? Fashion-MNIST, {config['model']}, by training-set size{quick}", "", setup, ""]
+        lines += [
+            "## Gain over plain fine-tuning (top-1 points), by training-set size",
+            "",
+            "Δ = constraint - fine-tuning on the same test images; interval and p from a paired z-test on each "
+            "image's accuracy averaged over the group's sigmas and the seeds; seeds better = seeds whose run beats "
+            "the fine-tuning run of the same seed (same data order and distortion draws).",
+            "",
+            gains_table(records),
+            "",
+        ]
+        for record in records:
+            lines += protocol_report(config, record, level="##")
+        lines += footer
+        plot_gains(records, json_path.with_suffix(".png"))
+    markdown = "\n".join(lines)
+    json_path.with_suffix(".md").write_text(markdown)
+    return markdown
+
+
+def pack_payload(payload: dict) -> dict:
+    """Per-image correctness as packed bits (``timm_icl.results.pack_result``) for the JSON file."""
+    records = []
+    for r in payload["protocols"]:
+        packed = {**r, "runs": {m: [pack_result(x) for x in runs] for m, runs in r["runs"].items()}}
+        packed.update(reference_test=pack_result(r["reference_test"]), reference_val=pack_result(r["reference_val"]))
+        records.append(packed)
+    return {**payload, "protocols": records}
+
+
+def unpack_payload(payload: dict) -> dict:
+    records = []
+    for r in payload["protocols"]:
+        unpacked = {**r, "runs": {m: [unpack_result(x) for x in runs] for m, runs in r["runs"].items()}}
+        unpacked.update(
+            reference_test=unpack_result(r["reference_test"]), reference_val=unpack_result(r["reference_val"])
+        )
+        records.append(unpacked)
+    return {**payload, "protocols": records}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_settings(argv)
+    if args.report_only is not None:
+        payload = unpack_payload(json.loads(args.report_only.read_text()))
+        print(write_reports(payload, args.report_only))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wall_start = time.perf_counter()
+    parse_distortions(args.distortions)  # a typo fails here, not after the reference
+    runs = args.out / "runs" / stem_of(args)
+    data_dir = prepare_data(args, runs / "data")
+    print(f"data: fitting {max(args.sizes)}, validation {args.val_size} images in {data_dir}; test: Fashion-MNIST")
+    shared = None
+    if args.shared_reference:
+        shared = train_run(args, data_dir, runs / "reference_shared", size=max(args.sizes), constraint="none")
+    records = [run_protocol(args, data_dir, runs, size, shared) for size in args.sizes]
+    payload = {
+        "mode": args.mode,
+        "config": {k: v for k, v in vars(args).items() if k != "report_only"},
+        "distortions": parse_distortions(args.distortions).to_text(),
+        "protocols": records,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"timm {__import__('timm').__version__}, timm-icl {timm_icl.__version__}",
+        "wall_seconds": time.perf_counter() - wall_start,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{stem_of(args)}.json"
+    json_path.write_text(canonical_json(pack_payload(payload)))
+    print(write_reports(payload, json_path))
+    print(f"wrote {json_path.with_suffix('')}.md/.json/.png in {payload['wall_seconds'] / 60:.1f} min")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -46,11 +46,14 @@ __all__ = [
     "mean_interval",
     "mcnemar_test",
     "paired_z_test",
+    "compare_runs",
     "format_table",
     "format_comparison",
     "plot_accuracy_vs_sigma",
     "save_results",
     "load_results",
+    "pack_result",
+    "unpack_result",
     "pack_correctness",
     "unpack_correctness",
     "json_safe",
@@ -355,31 +358,48 @@ def format_comparison(
         )
         for group in groups:
             try:
-                if len(runs) != len(base):
-                    raise ValueError(f"{len(runs)} runs vs {len(base)} in the baseline")
-                mine_lists, theirs_lists = group_correctness(runs, group), group_correctness(base, group)
-                if not mine_lists:
-                    continue
-                mine = [x for v in mine_lists for x in v]
-                theirs = [x for v in theirs_lists for x in v]
-                test = mcnemar_test(mine, theirs)  # also checks that the images pair up
-                mcnemar_p = test["p_value"]
-                test.update(paired_z_test(mine_lists, theirs_lists))  # the mean difference and its interval
-                if len(mine_lists) == 1:  # one condition of one run: McNemar's exact test
-                    test.update(test="McNemar " + test["method"], p_value=mcnemar_p)
+                test = compare_runs(runs, base, group)
             except ValueError as e:
                 lines.append(f"| {name} | {group} | - | - | - | - | n/a: {e} | - |" + (" - |" if seeds > 1 else ""))
+                continue
+            if test is None:
                 continue
             delta, low, high = test["mean_difference"], test["low"], test["high"]
             row = f"| {name} | {group} | {delta:+.{digits}f} | {test['a_only']} | {test['b_only']} | {test['test']} | "
             row += f"{_p(test['p_value'])} | [{low:+.{digits}f}, {high:+.{digits}f}] |"
             if seeds > 1:
-                better = sum(
-                    _mean(group_correctness(r, group)) > _mean(group_correctness(b, group)) for r, b in zip(runs, base)
-                )
-                row += f" {better}/{len(runs)} |"
+                row += f" {test['runs_better']}/{test['runs']} |"
             lines.append(row)
     return "\n".join(lines)
+
+
+def compare_runs(a: Result | Sequence[Result], b: Result | Sequence[Result], group: str) -> dict[str, Any] | None:
+    """Paired comparison of ``a`` against ``b`` (one result each, or one per seed, run ``i`` paired with run ``i``)
+    on ``group`` (``"clean"``, ``"noise"``, ``"blur"`` or a condition's name).
+
+    Returns:
+        ``{"mean_difference", "low", "high"`` (a - b in top-1, 95% interval over images), ``"p_value"``, ``"test"``
+        (McNemar's exact test for one condition of one run, else the paired z-test of :func:`paired_z_test`),
+        ``"a_only", "b_only"`` (pooled counts of images only one side gets right), ``"runs_better"`` (runs whose
+        accuracy on the group beats their partner's), ``"runs"``}; ``None`` when the group is absent.
+
+    Raises:
+        ValueError: the runs do not pair up (other images, conditions or number of runs).
+    """
+    a_runs, b_runs = _runs(a), _runs(b)
+    if len(a_runs) != len(b_runs):
+        raise ValueError(f"{len(a_runs)} runs vs {len(b_runs)} in the baseline")
+    a_lists, b_lists = group_correctness(a_runs, group), group_correctness(b_runs, group)
+    if not a_lists:
+        return None
+    test = mcnemar_test([x for v in a_lists for x in v], [x for v in b_lists for x in v])  # checks the pairing
+    mcnemar_p = test["p_value"]
+    test.update(paired_z_test(a_lists, b_lists))  # the mean difference and its interval
+    if len(a_lists) == 1:  # one condition of one run: McNemar's exact test
+        test.update(test="McNemar " + test["method"], p_value=mcnemar_p)
+    better = [_mean(group_correctness(x, group)) > _mean(group_correctness(y, group)) for x, y in zip(a_runs, b_runs)]
+    test.update(runs_better=sum(better), runs=len(better))
+    return test
 
 
 def _mean(lists: Sequence[Sequence[int]]) -> float:
@@ -628,15 +648,34 @@ def unpack_correctness(packed: str, count: int) -> list[int]:
     return unpack_bits(row, (count,))[0].to(torch.int64).tolist()
 
 
-def save_results(results: Result, path: str | Path) -> Path:
-    """Write a result as canonical JSON (identical results give identical files), per-image lists packed as bits."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def pack_result(results: Result) -> dict:
+    """A copy of a result as stored in files: per-image lists packed as bits (see :func:`pack_correctness`)."""
     data = dict(results)
     if "per_image" in data:
         data["per_image"] = {name: pack_correctness(v) for name, v in data["per_image"].items()}
         data["per_image_encoding"] = PACKED_ENCODING
-    path.write_text(canonical_json(data))
+    return data
+
+
+def unpack_result(data: Mapping[str, Any]) -> dict:
+    """Inverse of :func:`pack_result` (results with plain 0/1 lists pass through)."""
+    data = dict(data)
+    encoding = data.pop("per_image_encoding", None)
+    if encoding is not None and encoding != PACKED_ENCODING:
+        raise ValueError(f"unknown per-image encoding {encoding!r} (written by a newer timm-icl?)")
+    if "per_image" in data:
+        count = data.get("num_samples") or next(iter(data["conditions"].values()))["count"]
+        data["per_image"] = {
+            name: unpack_correctness(v, count) if isinstance(v, str) else v for name, v in data["per_image"].items()
+        }
+    return data
+
+
+def save_results(results: Result, path: str | Path) -> Path:
+    """Write a result as canonical JSON (identical results give identical files), per-image lists packed as bits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(canonical_json(pack_result(results)))
     return path
 
 
@@ -656,12 +695,7 @@ def load_results(path: str | Path) -> dict:
         data = data["eval"]
     if not isinstance(data, dict) or "conditions" not in data:
         raise ValueError(f"{path} is not an evaluation result (no 'conditions' key)")
-    encoding = data.pop("per_image_encoding", None)
-    if encoding is not None and encoding != PACKED_ENCODING:
-        raise ValueError(f"{path}: unknown per-image encoding {encoding!r} (written by a newer timm-icl?)")
-    if "per_image" in data:
-        count = data.get("num_samples") or next(iter(data["conditions"].values()))["count"]
-        data["per_image"] = {
-            name: unpack_correctness(v, count) if isinstance(v, str) else v for name, v in data["per_image"].items()
-        }
-    return data
+    try:
+        return unpack_result(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
