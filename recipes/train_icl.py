@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 import timm_icl
 from timm_icl import ICLTask, checkpoint, evaluate_robustness, parse_distortions
 from timm_icl.data import create_loader
+from timm_icl.stream import StreamBatch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -997,9 +998,18 @@ def lockstep(run: Run, loader):
     while alive:
         following, alive_next = pull()
         weight = 1.0 if batch is not None else 0.0
-        last = batch if batch is not None else last
+        last = batch if batch is not None else last if last is not None else stand_in_batch(run)
         yield last, weight, not alive_next
         batch, alive = following, alive_next
+
+
+def stand_in_batch(run: Run) -> StreamBatch:
+    """A one-image black batch to replay with weight 0 when a rank has no batch of its own this epoch (a stream
+    resumed after this rank's last shard while others go on); its id is one the target cache holds."""
+    size = max(1, getattr(run.data.train_loader, "last_batch_size", 1))  # the batch it replaced: same random draws
+    image_id = run.target_cache.ids[0] if run.target_cache is not None else -1
+    images = torch.zeros(size, *run.data.data_config["input_size"], dtype=torch.uint8)
+    return StreamBatch(images, torch.zeros(size, dtype=torch.long), torch.full((size,), image_id))
 
 
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:

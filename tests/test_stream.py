@@ -3,6 +3,7 @@
 import io
 import json
 import multiprocessing
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from timm_icl.stream import ShardedStream, ShardedStreamLoader, epoch_shard_order, rank_shards, sample_id
 
@@ -171,10 +173,7 @@ def _max_step(metrics: Path) -> int:
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_recipe_killed_mid_epoch_resumes_the_stream_exactly(tmp_path, world):
-    import subprocess
     import time
-
-    from safetensors.torch import load_file
 
     # label = sample index (48 classes): the label sequence is the sample sequence
     data = make_wds(tmp_path / "wds", n_shards=4, per_shard=12, num_classes=48, seed=1)
@@ -260,3 +259,21 @@ def _kill_tree(pid: int) -> None:
                 os.kill(proc, sig)
             except ProcessLookupError:
                 pass
+
+
+def test_recipe_resumed_after_one_ranks_last_shard_gives_the_same_weights(tmp_path):
+    """3 shards over 2 processes: rank 1 runs out after 3 batches and replays with weight 0 while rank 0 trains on.
+    Stopped at step 5 (rank 1 out of data) and resumed, rank 1 has no batch of its own to replay: a stand-in of the
+    same size keeps the collectives and the random draws in step."""
+    data = make_wds(tmp_path / "wds", n_shards=3, per_shard=12, num_classes=3)
+    args = ["--model", "vgg_tiny", "--no-pretrained", "--num-classes", "3", "--dataset", str(data), "--streaming",
+            "--val-split", "none", "--batch-size", "4", "--num-workers", "0", "--image-size", "32", "--epochs", "2",
+            "--log-every", "1", "--distortions", "noise:30,90 blur:1,2"]  # fmt: skip
+    for out, extra in (("full", []), ("stopped", ["--stop-after-steps", "5"]), ("stopped", ["--resume", "latest"])):
+        proc = subprocess.run([*_recipe_cmd(2), *args, "--output-dir", str(tmp_path / out), *extra], env=_env(),
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "model" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)

@@ -262,10 +262,11 @@ class ShardedStreamLoader:
         self.epoch = self.stream.epoch
         if state is None:
             self._streams = [{"shard": 0, "offset": 0} for _ in range(self.stream.num_streams)]
-            self._next, self._batches = 0, 0
+            self._next, self._batches, self.last_batch_size = 0, 0, 0
         else:
             self._streams = [dict(s) for s in state["streams"]]
             self._next, self._batches = state["next_stream"], state["batches"]
+            self.last_batch_size = state.get("last_batch_size", 0)
         self._positions.clear()
         self._positions[self._batches] = self._snapshot()
 
@@ -277,6 +278,7 @@ class ShardedStreamLoader:
             "batches": self._batches,
             "next_stream": self._next,
             "streams": [dict(p) for p in self._streams],
+            "last_batch_size": self.last_batch_size,  # what a rank out of data replays (with weight 0)
             # what the position means; a resume with other values is refused
             "check": {
                 "n_shards": s.n_shards,
@@ -301,6 +303,7 @@ class ShardedStreamLoader:
                 if not len(labels):  # every image of the batch unusable: nothing to train on, nothing to count
                     continue
                 self._batches += 1
+                self.last_batch_size = len(labels)
                 self._positions[self._batches] = self._snapshot()
                 while len(self._positions) > self._KEEP:
                     self._positions.popitem(last=False)
@@ -328,6 +331,6 @@ class ShardedStreamLoader:
         changed = [f"{k} {v} -> {now[k]}" for k, v in state["check"].items() if now.get(k) != v]
         if changed:
             raise ValueError("the checkpoint's stream position does not fit this run: " + ", ".join(changed))
-        self.stream.resume = {k: state[k] for k in ("epoch", "batches", "next_stream", "streams")}
+        self.stream.resume = {k: state[k] for k in ("epoch", "batches", "next_stream", "streams", "last_batch_size")}
         self.stream.set_epoch(state["epoch"])
         self._reset(self.stream.resume)
