@@ -12,7 +12,8 @@ Public API (see the README for a tour):
 - evaluation: :func:`evaluate_robustness`
 - results: :func:`save_results`, :func:`load_results`, :func:`format_table`, :func:`format_comparison`,
   :func:`plot_accuracy_vs_sigma`, :func:`mcnemar_test`, :func:`paired_z_test`, :func:`wilson_interval`
-- hub: :func:`export_model`, :func:`push_to_hub`
+- hub: :func:`export_model`, :func:`push_to_hub`, :func:`validate_push`
+- checkpoints: :mod:`timm_icl.checkpoint` (atomic accelerate checkpoints, resume past damaged ones)
 - preprocessing: :func:`resolve_preprocessing`, :class:`ImageTransform`, :func:`preprocess_image`, :func:`normalize`
   (timm's eval crop in uint8 on the host, float + normalisation on the device)
 - models: ``vgg_tiny`` / ``vgg_small`` registered with timm on import
@@ -45,7 +46,7 @@ from .distortions import (
     paper_kernel_size,
 )
 from .evaluate import evaluate_robustness
-from .hub import export_model, push_to_hub
+from .hub import export_model, push_to_hub, validate_push
 from .layers import LAYER_PRESETS, candidate_layers, default_layers
 from .losses import (
     CONSTRAINTS,
@@ -128,6 +129,7 @@ __all__ = [
     "paired_z_test",
     "export_model",
     "push_to_hub",
+    "validate_push",
     "resolve_preprocessing",
     "ImageTransform",
     "preprocess_image",
