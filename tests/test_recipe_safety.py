@@ -344,3 +344,35 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(dataset, tmp_path):
         r"\(each process's position in the data and the global batch size depend on the count\)",
         line,
     ), line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the guard itself
+# ---------------------------------------------------------------------------------------------------------------------
+def test_the_guard_keeps_the_first_non_finite_step_and_its_parts():
+    guard = train_icl.NonFiniteGuard(torch.device("cpu"), step=10)
+    for parts, norm in [([1.0, 0.9, 1.1], 2.0), ([float("nan"), 0.8, float("inf")], 3.0), ([float("nan")] * 3, 1.0)]:
+        guard.observe(torch.tensor(parts), torch.tensor(norm))
+        guard.end_step()
+    assert bool(guard.seen) and guard.step.item() == 13
+    step, loss, task_loss, constraint_loss, norm = guard.first.tolist()
+    assert step == 12 and task_loss == pytest.approx(0.8) and constraint_loss == float("inf") and norm == 3.0
+    clean = train_icl.NonFiniteGuard(torch.device("cpu"), step=0)
+    clean.observe(torch.tensor([1.0, 1.0, 0.0]), torch.tensor(float("inf")))  # an infinite gradient norm alone
+    assert bool(clean.seen) and clean.first[4].item() == float("inf")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_guard_does_not_synchronise_the_device():
+    guard = train_icl.NonFiniteGuard(torch.device("cuda"), step=0)
+    parts, norm = torch.tensor([1.0, 2.0, float("nan")], device="cuda"), torch.tensor(1.0, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside raises
+    try:
+        for _ in range(3):
+            guard.observe(parts)
+            guard.observe(parts, norm)
+            guard.end_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(guard.seen) and guard.first[0].item() == 1
