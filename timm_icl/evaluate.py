@@ -143,7 +143,8 @@ def evaluate_robustness(
         loader: yields ``(images [B, 3, H, W], labels [B] long)``, images uint8 (0-255) or float in [0, 1], not
             normalised (batches with no images are skipped).
         distortions: a distortion set or its text (``None``/``"paper"``: the paper's ten conditions;
-            ``"imagenet-c"``; ``"small"``). Clean is always evaluated first.
+            ``"imagenet-c"``; ``"imagenet-c-10"``; ``"small"``; any registered kinds, ``"shot_noise:1,3 jpeg:2"``).
+            Clean is always evaluated first.
         mean, std: normalisation (default: the model's ``pretrained_cfg``).
         seed: noise seed; the same seed gives the same numbers on every run and batch size.
         device: where distortions and the model run (default: ``accelerator.device`` or the model's device).
@@ -155,8 +156,9 @@ def evaluate_robustness(
 
     Returns:
         ``{"conditions": {name: {"kind", "sigma", "top1", "top5", "correct", "count"}},
-        "summary": {"clean", "noise", "blur"}`` (top-1; noise/blur = mean over their sigmas, ``None`` if
-        absent), ``"per_image": {name: [0/1, ...]}`` (when ``per_image``), ``"distortions"`` (text),
+        "summary": {"clean", "noise", "blur", other kinds}`` (top-1; a kind's mean over its severities, ``None`` if
+        noise or blur is absent; ``"sigma"`` is the severity in the kind's unit), ``"per_image": {name: [0/1, ...]}``
+        (when ``per_image``), ``"distortions"`` (text),
         ``"seed"``, ``"num_samples"``}.
     """
     dset = parse_distortions(distortions)
