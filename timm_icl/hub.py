@@ -515,10 +515,11 @@ def push_to_hub(
     retries: int = 3,
     is_main_process: bool = True,
 ) -> str | None:
-    """Upload an exported folder to the Hub (main process only), re-rendering its card for ``repo_id`` first.
+    """Upload an exported folder to the Hub (main process only), with its card re-rendered for ``repo_id``.
 
     Every push uploads the card again, so it always matches the weights and numbers (timm's own push writes a
-    README only once). The token is passed to huggingface_hub only (default: ``HF_TOKEN`` or the saved login);
+    README only once). The card is uploaded from memory and written to the local folder only after the push
+    succeeded: a failed push leaves the folder byte for byte as it was. Weights with NaN/inf are refused. The token is passed to huggingface_hub only (default: ``HF_TOKEN`` or the saved login);
     it is never written to a file or a log message.
 
     Args:
@@ -536,7 +537,8 @@ def push_to_hub(
 
     Raises:
         HubError: offline mode, not authorised, or the Hub kept failing; the local folder is left intact.
-        ValueError: ``folder`` is not an exported model or ``repo_id`` is malformed.
+        ValueError: ``folder`` is not an exported model, its weights are damaged or not finite, or ``repo_id`` is
+            malformed.
     """
     folder = resolve_model_folder(folder)
     _check_repo_id(repo_id)
