@@ -519,8 +519,9 @@ def push_to_hub(
 
     Every push uploads the card again, so it always matches the weights and numbers (timm's own push writes a
     README only once). The card is uploaded from memory and written to the local folder only after the push
-    succeeded: a failed push leaves the folder byte for byte as it was. Weights with NaN/inf are refused. The token is passed to huggingface_hub only (default: ``HF_TOKEN`` or the saved login);
-    it is never written to a file or a log message.
+    succeeded: a failed push leaves the folder byte for byte as it was. Weights with NaN/inf are refused. The
+    token is passed to huggingface_hub only (default: ``HF_TOKEN`` or the saved login); it is never written to a
+    file or a log message.
 
     Args:
         folder: an exported folder (or a recipe run folder containing ``model/``).
