@@ -23,7 +23,13 @@ from timm_icl.conditions import (
     unregister_distortion,
 )
 from timm_icl.evaluate import distort, evaluate_robustness
-from timm_icl.results import format_corruption_table, mean_corruption_error, plot_accuracy_vs_sigma
+from timm_icl.results import (
+    condition_names,
+    format_corruption_table,
+    mean_corruption_error,
+    plot_accuracy_vs_sigma,
+    sort_conditions,
+)
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -325,6 +331,10 @@ def test_mean_corruption_error_by_hand(tmp_path):
         mean_corruption_error(_result(0.8, {"pixelate": [0.5, 0.4]}), base)
     with pytest.raises(ValueError, match="no error on jpeg"):
         mean_corruption_error(model, _result(0.9, {"jpeg": [1.0, 1.0], "contrast": [0.5, 0.3]}))
+    # kinds are groups everywhere (tables, paired tests, plot lines), each kind's severities together
+    assert sort_conditions(model["conditions"]) == ["clean", "contrast1", "contrast2", "jpeg1", "jpeg2"]
+    assert condition_names(model["conditions"], "jpeg") == ["jpeg1", "jpeg2"]
+    assert condition_names(model["conditions"], "jpeg2") == ["jpeg2"]
     path = plot_accuracy_vs_sigma({"icl": model, "base": base}, tmp_path / "c.png")
     assert path.stat().st_size > 1000
 

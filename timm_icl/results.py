@@ -76,12 +76,19 @@ def sort_conditions(conditions: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
     JSON files have sorted keys (``blur1`` before ``noise30``); this restores the order the tables print.
     """
-    return sorted(conditions, key=lambda n: (_KIND_ORDER.get(conditions[n]["kind"], 3), conditions[n]["sigma"], n))
+
+    def key(n: str) -> tuple:
+        kind = conditions[n]["kind"]
+        # other kinds (camera corruptions) last, each kind's severities together
+        return (_KIND_ORDER.get(kind, 3), "" if kind in _KIND_ORDER else kind, conditions[n]["sigma"], n)
+
+    return sorted(conditions, key=key)
 
 
 def condition_names(conditions: Mapping[str, Mapping[str, Any]], group: str) -> list[str]:
-    """Names of the conditions in ``group`` (``"clean"``, ``"noise"``, ``"blur"``, or one condition's name)."""
-    if group in GROUPS:
+    """Names of the conditions in ``group``: a kind (``"clean"``, ``"noise"``, ``"blur"``, ``"jpeg"``, ...; condition
+    names end in a number, kind names never do) or one condition's name."""
+    if group in GROUPS or any(c["kind"] == group for c in conditions.values()):
         return [n for n in sort_conditions(conditions) if conditions[n]["kind"] == group]
     return [group] if group in conditions else []
 
