@@ -734,8 +734,8 @@ def setup_target_cache(run: Run) -> None:
     run.target_cache = cache
 
 
-def _cache_batches(run: Run):
-    """``(ids, clean uint8 images)`` of this rank's share of the training set, in file order (no shuffling)."""
+def _cache_loader(run: Run):
+    """This rank's share of the training set in file order (no shuffling), as a resumable stream."""
     args, data = run.args, run.data
     loader, _ = or_exit(
         create_loader,
@@ -752,40 +752,72 @@ def _cache_batches(run: Run):
         streaming=True,
         num_workers=args.num_workers,
     )
-    return ((batch.ids, batch[0]) for batch in loader)
+    return loader
 
 
-def build_target_cache(run: Run, path: Path, preprocessing: dict) -> None:
-    """Every rank runs the reference over its shards and writes a part; the main process merges them into ``path``."""
-    from timm_icl.target_cache import TargetCache
+def _cache_batches(run: Run):
+    """``(ids, clean uint8 images)`` batches of :func:`_cache_loader`."""
+    return ((batch.ids, batch[0]) for batch in _cache_loader(run))
 
-    rank, total = run.accelerator.process_index, run.data.train_info.get("num_samples")
-    part_path = path.with_name(f"{path.stem}.part{rank}{path.suffix}")
-    bar = tqdm(total=total, disable=not run.is_main, desc="reference targets", unit="img")
 
-    def counted(batches):
-        for ids, images in batches:
-            bar.update(len(ids) * run.accelerator.num_processes)
-            yield ids, images
+def build_target_cache(run: Run, path: Path, preprocessing: dict, chunk_batches: int = 256) -> None:
+    """Every rank runs the reference over its shards, writing a chunk file every ``chunk_batches`` batches with its
+    stream position: an interrupted build continues after its last chunk (nothing before it decoded again). The
+    main process then merges all chunks into ``path``."""
+    from timm_icl.target_cache import TargetCache, cache_fingerprint
 
-    with torch.no_grad():
-        part = or_exit(TargetCache.build, run.task, counted(_cache_batches(run)), preprocessing=preprocessing)
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    progress = path.with_name(f"{path.stem}.part{rank}.json")  # chunks written and the position after them
+    loader = _cache_loader(run)
+    fingerprint = or_exit(cache_fingerprint, run.task, preprocessing)
+    chunks, images = 0, 0
+    if progress.exists():
+        saved = json.loads(progress.read_text())
+        if saved["fingerprint"] == fingerprint and saved["world_size"] == world:
+            or_exit(loader.load_state_dict, saved["position"])
+            chunks, images = saved["chunks"], saved["images"]
+            run.say(f"reference targets: continuing after {images * world} images ({chunks} chunk(s) per process)")
+    loader.set_epoch(0)
+    bar = tqdm(total=run.data.train_info.get("num_samples"), initial=images * world, disable=not run.is_main,
+               desc="reference targets", unit="img")  # fmt: skip
+    pending: list = []
+
+    def flush() -> None:
+        nonlocal chunks, images, pending
+        if pending:
+            with torch.no_grad():
+                part = or_exit(TargetCache.build, run.task, pending, preprocessing=preprocessing)
+            part.save(path.with_name(f"{path.stem}.part{rank}.{chunks:06d}{path.suffix}"))
+            chunks, images, pending = chunks + 1, images + len(part), []
+        state = {"fingerprint": fingerprint, "world_size": world, "chunks": chunks, "images": images}
+        progress.write_text(json.dumps({**state, "position": loader.state_dict()}))
+
+    for batch in loader:
+        pending.append((batch.ids, batch[0]))
+        bar.update(len(batch.ids) * world)
+        if len(pending) == chunk_batches:
+            flush()
+    flush()
     bar.close()
-    part.save(part_path)
     run.accelerator.wait_for_everyone()
     if run.is_main:
-        parts = [TargetCache.load(path.with_name(f"{path.stem}.part{r}{path.suffix}"))
-                 for r in range(run.accelerator.num_processes)]  # fmt: skip
+        counts = [json.loads(path.with_name(f"{path.stem}.part{r}.json").read_text())["chunks"] for r in range(world)]
+        files = [
+            path.with_name(f"{path.stem}.part{r}.{c:06d}{path.suffix}") for r in range(world) for c in range(counts[r])
+        ]
+        if not files:
+            sys.exit("error: --reference-targets: the training set yielded no images to cache")
+        parts = [TargetCache.load(f) for f in files]
         merged = TargetCache(
-            {layer: torch.cat([p.packed[layer] for p in parts]) for layer in part.layers},
-            part.shapes,
+            {layer: torch.cat([p.packed[layer] for p in parts]) for layer in parts[0].layers},
+            parts[0].shapes,
             [i for p in parts for i in p.ids],
-            part.fingerprint,
+            parts[0].fingerprint,
         )
         tmp = merged.save(path.with_name(path.name + ".tmp"))
         os.replace(tmp, path)
-        for r in range(run.accelerator.num_processes):
-            path.with_name(f"{path.stem}.part{r}{path.suffix}").unlink()
+        for f in files + [path.with_name(f"{path.stem}.part{r}.json") for r in range(world)]:
+            f.unlink()
     run.accelerator.wait_for_everyone()
 
 

@@ -72,3 +72,40 @@ def test_random_training_crops_and_map_style_data_are_refused(wds, tmp_path):
         train_icl.setup_target_cache(make_run(wds, tmp_path / "a", "--train-transform", "timm"))
     with pytest.raises(SystemExit, match="needs sample ids"):
         train_icl.setup_target_cache(make_run(wds, tmp_path / "b", "--no-streaming"))
+
+
+def test_an_interrupted_cache_build_continues_after_its_last_chunk(wds, tmp_path, monkeypatch):
+    run = make_run(wds, tmp_path / "run")
+    path = tmp_path / "run" / "targets.safetensors"
+    from timm_icl.target_cache import TargetCache
+
+    calls = []
+
+    def build_then_die(*args, **kwargs):  # the third chunk never gets written: a kill during the build
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    original = TargetCache.build
+    monkeypatch.setattr(TargetCache, "build", build_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_icl.build_target_cache(run, path, train_icl.cache_preprocessing(run.args, run.data), chunk_batches=2)
+    monkeypatch.setattr(TargetCache, "build", original)
+    assert sorted(p.name for p in path.parent.glob("targets.part0.*")) == [
+        "targets.part0.000000.safetensors", "targets.part0.000001.safetensors", "targets.part0.json"]  # fmt: skip
+
+    loaders = []
+    make_loader = train_icl._cache_loader
+    monkeypatch.setattr(train_icl, "_cache_loader", lambda r: loaders.append(make_loader(r)) or loaders[-1])
+    train_icl.build_target_cache(run, path, train_icl.cache_preprocessing(run.args, run.data), chunk_batches=2)
+    assert loaders[0].num_decoded == 24 - 16  # 2 chunks x 2 batches x 4 images were not decoded again
+    resumed = TargetCache.load(path)
+    fresh_path = tmp_path / "fresh" / "targets.safetensors"
+    fresh_path.parent.mkdir()
+    train_icl.build_target_cache(run, fresh_path, train_icl.cache_preprocessing(run.args, run.data))
+    fresh = TargetCache.load(fresh_path)
+    assert resumed.ids == fresh.ids and len(resumed) == 24
+    for layer in fresh.layers:
+        assert torch.equal(resumed.packed[layer], fresh.packed[layer])
+    assert not list(path.parent.glob("targets.part*"))  # chunks and progress files removed after the merge
