@@ -158,7 +158,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import timm
-    from timm_icl.offline_weights import create_efficientnet_lite0
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # example code lives in recipes/
+    from offline_weights import create_efficientnet_lite0
 
     torch.manual_seed(0)
     images = photo_crops(args.images)
