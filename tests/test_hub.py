@@ -280,6 +280,19 @@ def test_push_retries_transient_errors_in_process(exported, monkeypatch):
             push_to_hub(exported, "user/retry", token=TOKEN, retries=2)
 
 
+def test_push_to_an_unreachable_hub_retries_then_names_the_transport_error(exported, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    before = {f.name: f.read_bytes() for f in exported.iterdir() if f.is_file()}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # the back-off between the two attempts
+    with pytest.raises(HubError, match=r"failed after 2 attempts \(ConnectError: .*folder .* is intact"):
+        push_to_hub(exported, "user/retry", token=TOKEN, retries=2)
+    assert {f.name: f.read_bytes() for f in exported.iterdir() if f.is_file()} == before
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # safety: non-finite weights, atomic export, push validation before training, failed push leaves the folder alone
 # --------------------------------------------------------------------------------------------------------------------

@@ -552,7 +552,9 @@ def push_to_hub(
             f"The exported folder {folder} is unchanged."
         )
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    # HTTPError: the transport errors' base class (httpx's), re-exported by huggingface_hub for this purpose
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, RepositoryNotFoundError
 
     # The card for this repository (load snippet with hf-hub:<repo_id>) is uploaded from memory; the local README
     # is updated only after the push succeeded, so a failed push leaves the folder exactly as it was.
@@ -588,11 +590,7 @@ def push_to_hub(
             if status is not None and status < 500 and status != 429:
                 raise HubError(f"the Hub refused the push to {repo_id} (HTTP {status}): {_first_line(e)}") from None
             last = f"HTTP {status}: {_first_line(e)}"
-        except OSError as e:  # connection refused / reset, DNS, timeouts (httpx errors are not OSError: see below)
-            last = f"{type(e).__name__}: {_first_line(e)}"
-        except Exception as e:  # httpx transport errors
-            if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore"):
-                raise
+        except (OSError, HTTPError) as e:  # refused / reset connections, DNS, timeouts: worth another try
             last = f"{type(e).__name__}: {_first_line(e)}"
         if attempt < retries:
             _logger.warning("push to %s failed (%s); retrying in %.0f s", repo_id, last, delay)
@@ -627,7 +625,7 @@ def validate_push(repo_id: str, *, token: str | None = None) -> str:
     if _offline():
         raise HubError(f"cannot push to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset it to push")
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError
 
     try:
         info = HfApi(token=token).whoami(cache=True)
@@ -640,9 +638,7 @@ def validate_push(repo_id: str, *, token: str | None = None) -> str:
         if status in (401, 403):
             raise HubError(_auth_message(repo_id, e)) from None
         raise HubError(f"cannot push to {repo_id}: the Hub answered HTTP {status} ({_first_line(e)})") from None
-    except Exception as e:  # connection errors: OSError, or httpx's own types
-        if not isinstance(e, OSError) and type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore"):
-            raise
+    except (OSError, HTTPError) as e:  # connection errors
         raise HubError(
             f"cannot push to {repo_id}: the Hub at {constants.ENDPOINT} cannot be reached ({_first_line(e)})"
         ) from None
