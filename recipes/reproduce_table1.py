@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -173,9 +175,31 @@ def train_run(
         argv = ["--init-checkpoint", str(init), "--constraint", constraint, "--epochs", str(args.ft_epochs)]
         argv += ["--lr", str(args.ft_lr), "--batch-size", str(args.batch_size)]
         argv += ["--constraint-weight", str(lam)] if lam is not None and constraint != "none" else []
+    key = {"train": common + argv, "split_seed": SPLIT_SEED, "val_size": args.val_size}
+    if finished(run_dir / "reuse.json", key) and (run_dir / "model").is_dir():
+        print(f"[reuse] {run_dir.name}: finished earlier with the same arguments", flush=True)
+        return run_dir / "model"
+    if run_dir.exists():  # an unfinished or different run: start it again from nothing
+        shutil.rmtree(run_dir)
     print(f"[train] {run_dir.name}", flush=True)
     train_icl.main(common + argv)
+    mark_finished(run_dir / "reuse.json", key)
     return run_dir / "model"
+
+
+def finished(marker: Path, key: dict) -> bool:
+    """Whether ``marker`` records ``key``: the run (or evaluation) ran to its end with these exact arguments."""
+    try:
+        return json.loads(marker.read_text()) == json.loads(json.dumps(key))
+    except (OSError, ValueError):
+        return False
+
+
+def mark_finished(marker: Path, key: dict) -> None:
+    """Write ``key`` to ``marker`` atomically, after the work it describes is complete."""
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(key))
+    os.replace(tmp, marker)
 
 
 def evaluate_run(args: argparse.Namespace, model_dir: Path, dataset: str, split: str, size: int | None) -> dict:
@@ -184,8 +208,11 @@ def evaluate_run(args: argparse.Namespace, model_dir: Path, dataset: str, split:
     argv = ["eval", str(model_dir), "--dataset", dataset, "--split", split, "--distortions", args.distortions]
     argv += ["--seed", "0", "--batch-size", "250", "-o", str(out), "-q"]
     argv += ["--max-samples", str(size)] if size else []
-    if cli.main(argv) != 0:
-        raise SystemExit(f"error: timm-icl eval failed on {model_dir}")
+    marker = out.with_name(f"{split}.reuse.json")  # in the run folder: retraining the model removes it
+    if not (finished(marker, {"eval": argv}) and out.exists()):
+        if cli.main(argv) != 0:
+            raise SystemExit(f"error: timm-icl eval failed on {model_dir}")
+        mark_finished(marker, {"eval": argv})
     return load_results(out)
 
 
@@ -438,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     wall_start = time.perf_counter()
     parse_distortions(args.distortions)  # a typo fails here, not after the reference
-    runs = args.out / "runs" / stem_of(args)
+    # Table 1 and the size sweep share their run folders: the sweep's largest size reuses Table 1's runs (its
+    # reference, lambda sweep and first seeds) when they finished with the same arguments.
+    runs = args.out / "runs" / ("fashion_mnist_quick" if args.quick else "fashion_mnist")
     data_dir = prepare_data(args, runs / "data")
     print(f"data: fitting {max(args.sizes)}, validation {args.val_size} images in {data_dir}; test: Fashion-MNIST")
     shared = None
