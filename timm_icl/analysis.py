@@ -15,9 +15,9 @@ from torch import nn
 
 from .capture import run_until_captured
 from .layers import default_layers
-from .preprocess import normalize, preprocess_image, resolve_preprocessing, to_unit_float
+from .preprocess import normalize
 
-__all__ = ["firing_agreement", "normalize_for", "load_photo"]
+__all__ = ["firing_agreement", "normalize_for"]
 
 
 def normalize_for(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -57,25 +57,3 @@ def firing_agreement(
         units_total += same.shape[1]
     out["all"] = agree_total / units_total
     return out
-
-
-def load_photo(
-    name: str,
-    model: nn.Module | None = None,
-    *,
-    image_size: int | None = None,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
-) -> torch.Tensor:
-    """A real photograph shipped with scikit-image (``"chelsea"``, ``"coffee"``, ``"astronaut"``, ``"rocket"``)
-    cropped as timm evaluates ``model`` (:func:`timm_icl.preprocess.preprocess_image`; without a model timm's
-    defaults: 224 px, crop 0.875 (resize 256), bicubic).
-
-    Returns:
-        float ``[3, H, W]`` in [0, 1] (timm's pixels / 255), ready for a distortion.
-    """
-    from skimage import data as skimage_data
-
-    photo = getattr(skimage_data, name)()
-    config = resolve_preprocessing(model, image_size=image_size, crop_pct=crop_pct, interpolation=interpolation)
-    return to_unit_float(preprocess_image(photo, config=config))
