@@ -127,7 +127,10 @@ def stem_of(args: argparse.Namespace) -> str:
 # data: the validation split carved out of Fashion-MNIST's training images, as parquet the recipe reads
 # ---------------------------------------------------------------------------------------------------------------------
 def prepare_data(args: argparse.Namespace, data_dir: Path) -> Path:
-    """``data_dir/{train,validation}.parquet``: the first max(sizes) fitting images and the validation split."""
+    """``data_dir/{train,validation}.parquet``: the fitting images (all 54,000 in a fixed random order, so every
+    training-set size is a prefix of the same file; ``--quick``: only the first max(sizes)) and the validation
+    split. Written once: a later call with the same split reuses the files (runs read them while another run of
+    this script may be writing its report)."""
     import datasets
     from PIL import Image
 
@@ -136,14 +139,21 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> Path:
             f"Fashion-MNIST not found in {fashion_mnist_root()}; install it with "
             "`apt-get install dataset-fashion-mnist` (or run `bash .ci/setup`), or set TIMM_ICL_FASHION_MNIST"
         )
+    fitting = max(args.sizes) if args.quick else 60000 - args.val_size
+    key = {"split_seed": SPLIT_SEED, "val_size": args.val_size, "fitting_images": fitting}
+    files = [data_dir / "train.parquet", data_dir / "validation.parquet"]
+    if finished(data_dir / "reuse.json", key) and all(f.exists() for f in files):
+        return data_dir
+    (data_dir / "reuse.json").unlink(missing_ok=True)
     images, labels = load_fashion_mnist("train")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED)).numpy()
-    splits = {"validation": order[: args.val_size], "train": order[args.val_size :][: max(args.sizes)]}
+    splits = {"validation": order[: args.val_size], "train": order[args.val_size :][:fitting]}
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, index in splits.items():
         rows = {"image": [Image.fromarray(images[i]) for i in index], "label": labels[index].tolist()}
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(data_dir / f"{split}.parquet"))
+    mark_finished(data_dir / "reuse.json", key)
     return data_dir
 
 
@@ -469,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     # reference, lambda sweep and first seeds) when they finished with the same arguments.
     runs = args.out / "runs" / ("fashion_mnist_quick" if args.quick else "fashion_mnist")
     data_dir = prepare_data(args, runs / "data")
-    print(f"data: fitting {max(args.sizes)}, validation {args.val_size} images in {data_dir}; test: Fashion-MNIST")
+    print(f"data: training sizes {args.sizes}, validation {args.val_size} images in {data_dir}; test: Fashion-MNIST")
     shared = None
     if args.shared_reference:
         shared = train_run(args, data_dir, runs / "reference_shared", size=max(args.sizes), constraint="none")
