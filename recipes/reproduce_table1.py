@@ -112,6 +112,7 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     sizes = [int(s) for s in args.train_sizes.split(",")] if args.train_sizes else None
     args.sizes = sizes or [600 if args.quick else 60000 - args.val_size]
     args.mode = "train_sizes" if sizes else "table1"
+    args.reused = []  # run folders taken from an earlier invocation (train_run)
     if args.mode == "train_sizes" and args.seeds < 3 and not args.quick:
         sys.exit("error: the training-set-size sweep needs --seeds 3 or more (paired tests over seeds)")
     if max(args.sizes) > 60000 - args.val_size:
@@ -188,6 +189,7 @@ def train_run(
     key = {"train": common + argv, "split_seed": SPLIT_SEED, "val_size": args.val_size}
     if finished(run_dir / "reuse.json", key) and (run_dir / "model").is_dir():
         print(f"[reuse] {run_dir.name}: finished earlier with the same arguments", flush=True)
+        args.reused.append(str(run_dir))
         return run_dir / "model"
     if run_dir.exists():  # an unfinished or different run: start it again from nothing
         shutil.rmtree(run_dir)
@@ -368,6 +370,7 @@ def gains_table(records: list[dict]) -> str:
 def plot_gains(records: list[dict], path: Path) -> Path:
     """PNG: constraint - fine-tuning (points, 95% interval) against the training-set size, noise and blur panels."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -386,6 +389,8 @@ def plot_gains(records: list[dict], path: Path) -> Path:
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=NAMES.get(constraint, constraint))
         ax.axhline(0.0, color="k", linewidth=0.8)
         ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:,}" for x in xs])  # the sizes run, not log-scale minor labels that overlap
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training images (log scale)")
         ax.set_ylabel(f"{group}: top-1 gain over fine-tuning (points)")
         ax.set_title(f"Gaussian {group}, mean over sigmas and seeds, 95% CI")
@@ -408,9 +413,16 @@ def write_reports(payload: dict, json_path: Path) -> str:
         f"{records[0]['reference_test']['num_samples']} images, noise seed 0. Every model trained by "
         "`recipes/train_icl.py` and evaluated by `timm-icl eval`; each run's folder is under runs/."
     )
+    reused = len(payload.get("reused_runs", []))
     footer = [
         f"Machine: {payload['machine']}. Wall time of the whole run: {payload['wall_seconds'] / 60:.1f} min "
-        "(other jobs shared the CPU).",
+        "(other jobs shared the CPU)"
+        + (
+            f"; {reused} trained models were reused from an earlier invocation with the same arguments (their "
+            "training time is not in this figure)."
+            if reused
+            else "."
+        ),
         "",
     ]
     if payload["mode"] == "table1":
@@ -486,12 +498,13 @@ def main(argv: list[str] | None = None) -> int:
     records = [run_protocol(args, data_dir, runs, size, shared) for size in args.sizes]
     payload = {
         "mode": args.mode,
-        "config": {k: v for k, v in vars(args).items() if k != "report_only"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("report_only", "reused")},
         "distortions": parse_distortions(args.distortions).to_text(),
         "protocols": records,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"timm {__import__('timm').__version__}, timm-icl {timm_icl.__version__}",
         "wall_seconds": time.perf_counter() - wall_start,
+        "reused_runs": args.reused,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{stem_of(args)}.json"
