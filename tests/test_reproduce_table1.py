@@ -48,7 +48,16 @@ def test_quick_numbers_are_timm_icl_eval_numbers(tmp_path, capsys):
     # the Markdown reports the JSON's mean for ICL's clean accuracy (mean ± std over the seeds, in %)
     clean = [r["conditions"]["clean"]["top1"] for r in runs["icl"]]
     assert f"{100 * np.mean(clean):.2f} ± {100 * np.std(clean, ddof=1):.2f}" in md
+    # a second invocation with the same arguments reuses every finished model and evaluation: same numbers
+    saved_json = stem.with_suffix(".json").read_text()
+    assert reproduce_table1.main(["--quick", "--out", str(tmp_path), "--threads", "2"]) == 0
+    again_payload = json.loads(stem.with_suffix(".json").read_text())
+    assert len(again_payload["reused_runs"]) == 1 + 2 * 2 + 2 * 3  # reference, 2 lambdas x 2, 2 seeds x 3 methods
+    assert again_payload["protocols"] == json.loads(saved_json)["protocols"]
+    capsys.readouterr()
+
     # --report-only rebuilds the same report from the JSON alone
+    md = stem.with_suffix(".md").read_text()
     before = md
     stem.with_suffix(".md").unlink()
     assert reproduce_table1.main(["--report-only", str(stem.with_suffix(".json"))]) == 0
