@@ -389,7 +389,7 @@ def plot_gains(records: list[dict], path: Path) -> Path:
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=NAMES.get(constraint, constraint))
         ax.axhline(0.0, color="k", linewidth=0.8)
         ax.set_xscale("log")
-        ax.set_xticks(xs, [f"{x:,}" for x in xs])  # the sizes run, not log-scale minor labels that overlap
+        ax.set_xticks(xs, [f"{x:,}" for x in xs])  # label the sizes that ran; log-scale minor labels overlap
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training images (log scale)")
         ax.set_ylabel(f"{group}: top-1 gain over fine-tuning (points)")
