@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from timm_icl.conditions import Distortion
+from timm_icl.distortions import Distortion
 
 REFERENCE_NAMES = {
     "noise": "gaussian_noise",

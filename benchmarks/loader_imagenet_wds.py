@@ -10,7 +10,7 @@ image folder (``class/xxx.jpg``) for timm's folder reader (timm's wds reader nee
 Both produce uint8 ``[B, 3, 224, 224]`` batches with the same crop (vgg16's: resize 256, centre crop 224,
 bilinear) and no normalisation:
 
-- ours: ``timm_icl.data.create_loader(root, "train", streaming=True, ...)`` (``timm_icl.stream``);
+- ours: ``timm_icl.data.create_loader(root, "train", streaming=True, ...)`` (``timm_icl.data.stream``);
 - timm: ``timm.data.create_dataset("", root=folder)`` + ``timm.data.create_loader(..., use_prefetcher=True)``
   with its ``PrefetchLoader`` unwrapped (``.loader``: uint8 batches from ``fast_collate``, before normalising).
 
@@ -91,7 +91,7 @@ def ours(wds: Path, batch: int, workers: int):
     import timm
 
     from timm_icl.data import create_loader
-    from timm_icl.preprocess import resolve_preprocessing
+    from timm_icl.data.preprocess import resolve_preprocessing
 
     config = resolve_preprocessing(timm.create_model("vgg16", pretrained=False))
     loader, _ = create_loader(str(wds), "train", data_config=config, batch_size=batch, num_workers=workers,

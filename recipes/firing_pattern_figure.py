@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from offline_weights import create_efficientnet_lite0, load_photo  # noqa: E402  (recipes/offline_weights.py, an example)
 
 from timm_icl import PAPER_DISTORTIONS  # noqa: E402
-from timm_icl.analysis import firing_agreement, normalize_for  # noqa: E402
+from timm_icl.eval.analysis import firing_agreement, normalize_for  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 

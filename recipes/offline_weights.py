@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from timm_icl.preprocess import preprocess_image, resolve_preprocessing, to_unit_float
+from timm_icl.data.preprocess import preprocess_image, resolve_preprocessing, to_unit_float
 
 __all__ = ["create_efficientnet_lite0", "load_photo"]
 
@@ -70,7 +70,7 @@ def load_photo(
     interpolation: str | None = None,
 ) -> torch.Tensor:
     """A real photograph shipped with scikit-image (``"chelsea"``, ``"coffee"``, ``"astronaut"``, ``"rocket"``)
-    cropped as timm evaluates ``model`` (:func:`timm_icl.preprocess.preprocess_image`; without a model timm's
+    cropped as timm evaluates ``model`` (:func:`timm_icl.data.preprocess.preprocess_image`; without a model timm's
     defaults: 224 px, crop 0.875 (resize 256), bicubic).
 
     Returns:

@@ -42,9 +42,10 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 import timm_icl
-from timm_icl import ICLTask, checkpoint, evaluate_robustness, parse_distortions
+from timm_icl import ICLTask, evaluate_robustness, parse_distortions
 from timm_icl.data import create_loader
-from timm_icl.stream import StreamBatch
+from timm_icl.data.stream import StreamBatch
+from timm_icl.train import checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="stream the dataset (default: on for a Hub id, off for local data); resumes exactly (timm_icl.stream)",
+        help="stream the dataset (default: on for a Hub id, off for local data); resumes exactly (data.stream)",
     )
     group.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
     group.add_argument(
@@ -383,7 +384,7 @@ def check_push(args: argparse.Namespace, accelerator: Accelerator) -> None:
 
 
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
-    # checkpoints are named, written atomically and rotated by timm_icl.checkpoint, not by accelerate
+    # checkpoints are named, written atomically and rotated by timm_icl.train.checkpoint, not by accelerate
     project = ProjectConfiguration(project_dir=str(args.output_dir), automatic_checkpoint_naming=False)
     accelerator = Accelerator(
         # several processes without GPUs: accelerate 1.15 only sets up gloo (MULTI_CPU) when told cpu=True
@@ -464,7 +465,7 @@ def load_init_weights(model: torch.nn.Module, path: Path, *, new_head: bool) -> 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # data: each rank reads its own shard (sharded once, here; the loaders do not go through prepare), decoded in
-# workers, clean uint8 crops in timm's eval view of the model (timm_icl.preprocess), float on the device
+# workers, clean uint8 crops in timm's eval view of the model (timm_icl.data.preprocess), float on the device
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Data:
@@ -509,7 +510,7 @@ def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, wor
     if args.num_workers is None:  # in-memory data: 1-2 workers ran at 0.4-0.65x of in-process loading on 2 cores
         in_memory = args.dataset.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
         args.num_workers = 0 if in_memory else 2
-    from timm_icl.preprocess import resolve_preprocessing
+    from timm_icl.data.preprocess import resolve_preprocessing
 
     # the model's own eval view (input_size, crop_pct, crop_mode, interpolation), overridden by the flags
     data_config = or_exit(
@@ -822,7 +823,7 @@ def build_target_cache(run: Run, path: Path, preprocessing: dict, chunk_batches:
 
 
 def stream_state(run: Run) -> dict | None:
-    """This rank's exact position in a streamed training set (``timm_icl.stream``) after the batches trained on in
+    """This rank's exact position in a streamed training set (``timm_icl.data.stream``) after the batches trained on in
     this epoch; None at an epoch's start or for data that is not such a stream."""
     loader = run.data.train_loader
     if not hasattr(loader, "state_dict") or run.position["batch_in_epoch"] == 0:
@@ -837,7 +838,7 @@ def load_stream_state(run: Run, state: dict | None) -> None:
 
 
 def save_checkpoint(run: Run) -> Path:
-    """An atomic checkpoint (:mod:`timm_icl.checkpoint`: written aside, marked complete, renamed, then rotated) of
+    """An atomic checkpoint (:mod:`timm_icl.train.checkpoint`: written aside, marked complete, renamed, then rotated) of
     the accelerate state and this rank's recipe state. Never of diverged weights: the guard is checked first."""
     stop_if_diverged(run)
     state = {
@@ -1088,7 +1089,7 @@ def train(run: Run) -> tuple[dict | None, bool]:
             break
         train_loader.set_epoch(epoch)
         skip = position["batch_in_epoch"]
-        # streams of timm_icl.stream continue from their loaded position (set_epoch keeps it): nothing to skip
+        # streams of timm_icl.data.stream continue from their loaded position (set_epoch keeps it): nothing to skip
         positioned = hasattr(train_loader, "load_state_dict")
         if skip and train_loader.batch_sampler is not None:
             train_loader.batch_sampler.skip_batches(skip)  # map-style: resume at the exact batch

@@ -1,4 +1,4 @@
-"""timm_icl.checkpoint: atomic saves, rotation after the rename, fallback past damaged checkpoints, set-aside on
+"""timm_icl.train.checkpoint: atomic saves, rotation after the rename, fallback past damaged checkpoints, set-aside on
 resume of an older one, stray folders ignored, world-size refusal, recipe state loaded without running pickles."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from timm_icl.checkpoint import (
+from timm_icl.train.checkpoint import (
     MARKER,
     CheckpointError,
     WorldSizeMismatch,
@@ -95,7 +95,7 @@ def test_rotation_keeps_the_newest_n_after_the_new_one_is_in_place(tmp_path):
 _KILLED_SAVE = """
 import sys, torch
 from accelerate import Accelerator
-from timm_icl.checkpoint import save_checkpoint
+from timm_icl.train.checkpoint import save_checkpoint
 accelerator = Accelerator(cpu=True)
 model = torch.nn.Linear(4, 3)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -10,8 +10,7 @@ import timm
 import torch
 
 import timm_icl
-from timm_icl import corruptions as C
-from timm_icl.conditions import (
+from timm_icl.distortions import (
     IMAGENET_C_10,
     Distortion,
     DistortionSampler,
@@ -22,8 +21,9 @@ from timm_icl.conditions import (
     register_distortion,
     unregister_distortion,
 )
-from timm_icl.evaluate import distort, evaluate_robustness
-from timm_icl.results import (
+from timm_icl.distortions import corruptions as C
+from timm_icl.eval.evaluate import distort, evaluate_robustness
+from timm_icl.eval.results import (
     condition_names,
     format_corruption_table,
     mean_corruption_error,
@@ -373,8 +373,8 @@ def test_cli_corruption_benchmark_with_baseline(tmp_path):
     import sys
     from pathlib import Path
 
+    from timm_icl.eval.results import load_results
     from timm_icl.hub import export_model
-    from timm_icl.results import load_results
 
     pytest.importorskip("timm_icl.data")
     if not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists():

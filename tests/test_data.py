@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from timm_icl import fashion_mnist as _fashion_mnist
 from timm_icl.data import ShardedBatchSampler, create_dataset, create_loader, decode_image
+from timm_icl.data import fashion_mnist as _fashion_mnist
 
 HAS_FMNIST = _fashion_mnist.local_files_available("test")
 

@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import ModelCard
 
 import timm_icl  # noqa: F401  (registers vgg_tiny)
-from timm_icl.evaluate import evaluate_robustness
+from timm_icl.eval.evaluate import evaluate_robustness
 from timm_icl.hub import HubError, export_model, push_to_hub
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -215,7 +215,7 @@ def test_export_records_training_preprocessing_and_round_trips(tmp_path):
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    from timm_icl.preprocess import ImageTransform, normalize, resolve_preprocessing
+    from timm_icl.data.preprocess import ImageTransform, normalize, resolve_preprocessing
 
     torch.manual_seed(0)
     model = timm.create_model("vgg_tiny", num_classes=10).eval()  # its own config: 28 px, crop 1.0, bilinear

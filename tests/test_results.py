@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from timm_icl import results as R
+from timm_icl.eval import results as R
 from timm_icl.target_cache import pack_bits
 
 

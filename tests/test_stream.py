@@ -1,4 +1,4 @@
-"""timm_icl.stream: shard-level streams whose saved position resumes at the next sample without decoding the rest."""
+"""timm_icl.data.stream: shard streams whose saved position resumes at the next sample without decoding the rest."""
 
 import io
 import json
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from timm_icl.stream import ShardedStream, ShardedStreamLoader, epoch_shard_order, rank_shards, sample_id
+from timm_icl.data.stream import ShardedStream, ShardedStreamLoader, epoch_shard_order, rank_shards, sample_id
 
 
 def make_wds(root: Path, *, n_shards: int = 4, per_shard: int = 12, split: str = "train", size: int = 12,

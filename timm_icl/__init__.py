@@ -5,7 +5,7 @@ Public API (see the README for a tour):
 - distortions: :func:`gaussian_noise`, :func:`gaussian_blur`, :class:`GaussianNoise`, :class:`GaussianBlur`
 - conditions: :class:`Distortion`, :class:`DistortionSet`, :func:`parse_distortions`, :class:`DistortionSampler`,
   :func:`register_distortion` (any ``fn(images, severity, generator)`` by name), :func:`distortion_names`
-- corruptions: ImageNet-C's camera corruptions on the device (:mod:`timm_icl.corruptions`), registered by name
+- corruptions: ImageNet-C's camera corruptions on the device (:mod:`timm_icl.distortions.corruptions`)
 - capture: :func:`capture_preactivations`, :func:`default_layers`, :func:`candidate_layers`
 - losses: :func:`icl_loss`, :func:`mse_constraint_loss`, :func:`activation_boundary_loss` and module forms
 - task: :class:`ICLTask` (a ``timm.task.TrainingTask``)
@@ -13,7 +13,7 @@ Public API (see the README for a tour):
 - results: :func:`save_results`, :func:`load_results`, :func:`format_table`, :func:`format_comparison`,
   :func:`plot_accuracy_vs_sigma`, :func:`mcnemar_test`, :func:`paired_z_test`, :func:`wilson_interval`
 - hub: :func:`export_model`, :func:`push_to_hub`, :func:`validate_push`
-- checkpoints: :mod:`timm_icl.checkpoint` (atomic accelerate checkpoints, resume past damaged ones)
+- checkpoints: :mod:`timm_icl.train.checkpoint` (atomic accelerate checkpoints, resume past damaged ones)
 - preprocessing: :func:`resolve_preprocessing`, :class:`ImageTransform`, :func:`preprocess_image`, :func:`normalize`
   (timm's eval crop in uint8 on the host, float + normalisation on the device)
 - models: ``vgg_tiny`` / ``vgg_small`` registered with timm on import
@@ -21,7 +21,8 @@ Public API (see the README for a tour):
 
 from . import models  # noqa: F401  (registers vgg_tiny / vgg_small with timm)
 from .capture import capture_preactivations, resolve_layers, run_until_captured
-from .conditions import (
+from .data.preprocess import ImageTransform, normalize, preprocess_image, resolve_preprocessing
+from .distortions import (
     IMAGENET_C_10,
     IMAGENET_C_DISTORTIONS,
     PAPER_DISTORTIONS,
@@ -30,22 +31,32 @@ from .conditions import (
     DistortionSampler,
     DistortionSet,
     DistortionSpec,
+    GaussianBlur,
+    GaussianNoise,
     apply_distortions,
     distortion_names,
+    gaussian_blur,
+    gaussian_kernel1d,
+    gaussian_noise,
     get_distortion,
+    paper_kernel_size,
     parse_distortions,
     register_distortion,
     unregister_distortion,
 )
-from .distortions import (
-    GaussianBlur,
-    GaussianNoise,
-    gaussian_blur,
-    gaussian_kernel1d,
-    gaussian_noise,
-    paper_kernel_size,
+from .eval import evaluate_robustness
+from .eval.results import (
+    format_comparison,
+    format_table,
+    group_correctness,
+    load_results,
+    mcnemar_test,
+    mean_interval,
+    paired_z_test,
+    plot_accuracy_vs_sigma,
+    save_results,
+    wilson_interval,
 )
-from .evaluate import evaluate_robustness
 from .hub import export_model, push_to_hub, validate_push
 from .layers import LAYER_PRESETS, candidate_layers, default_layers
 from .losses import (
@@ -58,19 +69,6 @@ from .losses import (
     create_constraint,
     icl_loss,
     mse_constraint_loss,
-)
-from .preprocess import ImageTransform, normalize, preprocess_image, resolve_preprocessing
-from .results import (
-    format_comparison,
-    format_table,
-    group_correctness,
-    load_results,
-    mcnemar_test,
-    mean_interval,
-    paired_z_test,
-    plot_accuracy_vs_sigma,
-    save_results,
-    wilson_interval,
 )
 from .target_cache import StaleCacheError, TargetCache
 from .task import ICLTask

@@ -78,15 +78,15 @@ def _create_model(model: str, *, pretrained: bool, num_classes: int | None = Non
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import evaluate_robustness
-    from .results import format_corruption_table, format_table, load_results, plot_accuracy_vs_sigma, save_results
+    from .eval.evaluate import evaluate_robustness
+    from .eval.results import format_corruption_table, format_table, load_results, plot_accuracy_vs_sigma, save_results
 
     try:
         from .data import create_loader
     except ImportError:
         raise ValueError("timm_icl.data is not available in this installation; cannot read datasets") from None
-    from .conditions import parse_distortions
-    from .preprocess import resolve_preprocessing
+    from .data.preprocess import resolve_preprocessing
+    from .distortions import parse_distortions
 
     distortions = parse_distortions(args.distortions)  # fail on a typo before loading model and data
     baseline = load_results(args.baseline) if args.baseline else None  # and on a missing baseline file
@@ -164,7 +164,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # camera corruptions: one row per corruption (mean top-1 over its severities), CE and mCE with --baseline
         print(format_corruption_table({name: results}, baseline))
         if baseline is not None:
-            from .results import mean_corruption_error
+            from .eval.results import mean_corruption_error
 
             results["corruption_error"] = mean_corruption_error(results, baseline)
             results["corruption_error"]["baseline"] = baseline.get("name") or str(args.baseline)
@@ -220,10 +220,10 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 # distort
 # ---------------------------------------------------------------------------------------------------------------------
 def _load_image(path: str, size: int, crop_pct: float = 1.0, interpolation: str = "bicubic"):
-    """``[1, 3, size, size]`` float in [0, 1]: timm's eval crop (:mod:`timm_icl.preprocess`) of an image file."""
+    """``[1, 3, size, size]`` float in [0, 1]: timm's eval crop (:mod:`timm_icl.data.preprocess`) of an image file."""
     from PIL import UnidentifiedImageError
 
-    from .preprocess import preprocess_image, resolve_preprocessing, to_unit_float
+    from .data.preprocess import preprocess_image, resolve_preprocessing, to_unit_float
 
     config = resolve_preprocessing(None, image_size=size, crop_pct=crop_pct, interpolation=interpolation)
     try:
@@ -236,8 +236,8 @@ def _load_image(path: str, size: int, crop_pct: float = 1.0, interpolation: str 
 
 
 def _cmd_distort(args: argparse.Namespace) -> int:
-    from .conditions import Distortion, parse_distortions
-    from .evaluate import distort
+    from .distortions import Distortion, parse_distortions
+    from .eval.evaluate import distort
 
     try:
         import matplotlib
@@ -276,7 +276,7 @@ def _cmd_distort(args: argparse.Namespace) -> int:
 # compare
 # ---------------------------------------------------------------------------------------------------------------------
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .results import format_comparison, format_table, load_results, plot_accuracy_vs_sigma
+    from .eval.results import format_comparison, format_table, load_results, plot_accuracy_vs_sigma
 
     results: dict[str, dict] = {}
     for spec in args.results:

@@ -27,10 +27,10 @@ from timm.utils.model import unwrap_model
 from torch import nn
 
 from .capture import capture_preactivations, resolve_layers, run_until_captured
-from .conditions import DistortionSampler, DistortionSet
+from .data.preprocess import check_unit_range, normalize, to_unit_float
+from .distortions import DistortionSampler, DistortionSet
 from .layers import default_layers
 from .losses import DEFAULT_LAMBDA, create_constraint
-from .preprocess import check_unit_range, normalize, to_unit_float
 
 __all__ = ["ICLTask"]
 
@@ -191,7 +191,7 @@ class ICLTask(TrainingTask):
 
     # -- the computation --------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``(images - mean) / std`` with the model's pretrained config (:func:`timm_icl.preprocess.normalize`);
+        """``(images - mean) / std`` with the model's pretrained config (:func:`timm_icl.data.preprocess.normalize`);
         images ``[B, C, H, W]`` uint8 (0-255) or float in [0, 1]."""
         return normalize(images, self.mean, self.std)
 

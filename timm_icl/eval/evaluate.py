@@ -2,7 +2,7 @@
 
 Each batch is decoded once by the loader (clean uint8 ``[B, 3, H, W]``, or float in [0, 1]); on the model's
 device it becomes float in [0, 1], every condition (clean, each noise sigma, each blur sigma) is applied to it,
-the result is normalised with the model's mean/std (:func:`timm_icl.preprocess.normalize`) and classified.
+the result is normalised with the model's mean/std (:func:`timm_icl.data.preprocess.normalize`) and classified.
 Nothing about the images is cached between conditions, so memory stays at one batch.
 
 Reproducibility: the noise added to an image depends only on ``(seed, condition, image position)``
@@ -12,7 +12,7 @@ rank`` and counts are reduced as exact integer sums.
 
 Example:
     >>> results = evaluate_robustness(model, loader, "paper")          # doctest: +SKIP
-    >>> print(timm_icl.results.format_table({"ICL": results}))          # doctest: +SKIP
+    >>> print(timm_icl.eval.results.format_table({"ICL": results}))          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .conditions import Distortion, DistortionSet, parse_distortions
-from .preprocess import check_unit_range, normalize, to_unit_float
+from ..data.preprocess import check_unit_range, normalize, to_unit_float
+from ..distortions import Distortion, DistortionSet, parse_distortions
 from .results import summarize
 
 __all__ = [

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .capture import run_until_captured
-from .layers import default_layers
-from .preprocess import normalize
+from ..capture import run_until_captured
+from ..data.preprocess import normalize
+from ..layers import default_layers
 
 __all__ = ["firing_agreement", "normalize_for"]
 

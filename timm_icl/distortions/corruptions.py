@@ -1,6 +1,6 @@
 """Camera corruptions of ImageNet-C, batched and on the images' device, with per-image severity.
 
-Every function has the registry's signature (:func:`timm_icl.conditions.register_distortion`)::
+Every function has the registry's signature (:func:`timm_icl.distortions.register_distortion`)::
 
     fn(images [B, C, H, W] float in [0, 1], severity [B] float tensor, generator) -> images [B, C, H, W]
 
@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .distortions import _reflect101_index
+from .noise_blur import _reflect101_index
 
 __all__ = [
     "shot_noise",

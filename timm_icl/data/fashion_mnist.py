@@ -5,7 +5,7 @@ ship gzipped. Environment default: ``/usr/share/datasets/fashion-mnist`` (overri
 ``TIMM_ICL_FASHION_MNIST``). The same data is :data:`HUB_ID` (``zalando-datasets/fashion_mnist``) on the Hub.
 
 Example:
-    >>> from timm_icl.fashion_mnist import load_fashion_mnist, local_files_available
+    >>> from timm_icl.data.fashion_mnist import load_fashion_mnist, local_files_available
     >>> if local_files_available("test"):
     ...     images, labels = load_fashion_mnist("test")     # uint8 [10000, 28, 28], int64 [10000]
 """

@@ -1,7 +1,7 @@
 """Image-classification data for training and evaluation: clean uint8 crops, sharded by rank once.
 
 Every batch is ``(images uint8 [B, 3, H, W], labels [B] int64)``: the crop is timm's own eval view of the model
-(:mod:`timm_icl.preprocess`), and conversion to float, distortion and normalisation happen on the device inside
+(:mod:`timm_icl.data.preprocess`), and conversion to float, distortion and normalisation happen on the device inside
 :class:`~timm_icl.task.ICLTask` / the evaluation (a quarter of float32's bytes through worker queues and copies).
 
 Sources (``dataset_spec``):
@@ -13,7 +13,7 @@ Sources (``dataset_spec``):
 Sharding across ``world_size`` processes happens here, exactly once (see ecosystem-notes: do not also pass
 these loaders to ``accelerator.prepare``): map-style data through :class:`ShardedBatchSampler` (one permutation
 per epoch shared by all ranks, rank ``r`` takes every ``world_size``-th index), streams through
-:mod:`timm_icl.stream` (whole shards per rank, a position that resumes exactly). Every sample of an epoch is seen
+:mod:`timm_icl.data.stream` (whole shards per rank, a position that resumes exactly). Every sample of an epoch is seen
 exactly once across ranks; ranks may end up with one batch less (streams: a few), which the training loop handles.
 
 Images are decoded in the DataLoader workers (``Image(decode=False)``); an image that cannot be decoded, or an
@@ -23,7 +23,6 @@ absurdly thin strip, is skipped, logged and counted (``loader.num_skipped``), ne
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from . import fashion_mnist as _fashion_mnist
 from .preprocess import ImageTransform, _scale_size, open_image, resolve_preprocessing
@@ -48,7 +47,7 @@ _SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 # ---------------------------------------------------------------------------------------------------------------------
 def decode_image(value: Any) -> torch.Tensor:
     """Decode an image cell (PIL image, ``{"bytes", "path"}`` dict from ``Image(decode=False)``, raw bytes, array)
-    at its stored size, as timm's loaders do (see :func:`timm_icl.preprocess.open_image`).
+    at its stored size, as timm's loaders do (see :func:`timm_icl.data.preprocess.open_image`).
 
     Returns:
         ``[3, H, W]`` uint8.
@@ -66,7 +65,7 @@ def resolve_loader_preprocessing(
     crop_mode: str | None = None,
 ) -> dict[str, Any] | None:
     """The data config a loader crops with: ``data_config`` (a model's, from
-    :func:`~timm_icl.preprocess.resolve_preprocessing`) with the explicit overrides; without ``data_config``,
+    :func:`~timm_icl.data.preprocess.resolve_preprocessing`) with the explicit overrides; without ``data_config``,
     ``image_size`` with crop fraction 1.0 and bilinear interpolation unless given; None when neither is given
     (images keep their stored size)."""
     if data_config is None and image_size is None:
@@ -96,16 +95,6 @@ class _Decoder:
         return image, int(row[self.label_column])
 
 
-def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    good = [s for s in samples if s is not None]
-    skipped = len(samples) - len(good)
-    if not good:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), skipped
-    images = torch.stack([s[0] for s in good])
-    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
-    return images, labels, skipped
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # datasets
 # ---------------------------------------------------------------------------------------------------------------------
@@ -114,7 +103,7 @@ class FashionMNISTDataset(Dataset):
 
     Args:
         split: ``"train"`` or ``"test"``.
-        transform: an :class:`~timm_icl.preprocess.ImageTransform` (None: the stored 28 px images). When it would
+        transform: an :class:`~timm_icl.data.preprocess.ImageTransform` (None: the stored 28 px images). When it would
             leave a 28 px image unchanged (eval view, 28 px, resize to 28) the PIL round trip is skipped.
     """
 
@@ -249,7 +238,7 @@ def create_dataset(
         image_size: output ``H`` (int) or ``(H, W)`` / ``(3, H, W)``; None: ``data_config``'s, or the stored size.
         crop_pct, interpolation, crop_mode: timm's eval view (resize the shorter side to ``floor(size /
             crop_pct)``, centre crop); None: ``data_config``'s, or 1.0 / bilinear / center without one.
-        data_config: the model's data config (:func:`~timm_icl.preprocess.resolve_preprocessing`): the crop is then
+        data_config: the model's data config (:func:`~timm_icl.data.preprocess.resolve_preprocessing`): the crop is then
             exactly timm's ``create_transform(**data_config)`` before ``Normalize``.
         train_transform: ``"eval"`` (deterministic crop) or ``"timm"`` (timm's random resized crop + flip +
             colour jitter, without normalisation; for training splits).
@@ -355,229 +344,3 @@ class _MapAsStream(IterableDataset):
         wid, nw = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         for i in range(self.rank, self.num_samples, self.world_size)[wid::nw]:
             yield self.dataset[i]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# loaders
-# ---------------------------------------------------------------------------------------------------------------------
-class ShardedBatchSampler:
-    """Batches of this rank's share of one epoch: a seeded permutation shared by all ranks, every
-    ``world_size``-th index from ``rank``. Exact resume: :meth:`set_epoch` and :meth:`skip_batches`.
-
-    Args:
-        num_samples: dataset length.
-        batch_size: per-process batch size.
-        rank, world_size: this process and the number of processes.
-        shuffle: permute per epoch with ``torch.Generator().manual_seed(seed + epoch)`` (the same on every rank).
-        seed: base seed of the permutation.
-        drop_last: drop the last, smaller batch (and keep every rank at the same number of batches).
-        samples_per_epoch: use only the first N indices of each epoch's permutation (a fresh random subset per
-            epoch when shuffling; None: all).
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-        samples_per_epoch: int | None = None,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        self.dataset_size = num_samples
-        if samples_per_epoch is not None:
-            num_samples = min(num_samples, samples_per_epoch)
-        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.epoch, self._skip = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def skip_batches(self, count: int) -> None:
-        """Skip the first ``count`` batches of the next iteration only (resume in the middle of an epoch)."""
-        self._skip = count
-
-    def indices(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.dataset_size, generator=generator)
-        else:
-            order = torch.arange(self.dataset_size)
-        return order[: self.num_samples][self.rank :: self.world_size].tolist()
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return (self.num_samples // self.world_size) // self.batch_size
-        return math.ceil(len(range(self.rank, self.num_samples, self.world_size)) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        indices, skip, self._skip = self.indices(), self._skip, 0
-        for b in range(skip, len(self)):
-            yield indices[b * self.batch_size : (b + 1) * self.batch_size]
-
-
-class ImageLoader:
-    """A DataLoader that yields ``(images, labels)`` and counts the images it had to skip (``num_skipped``).
-
-    Attributes:
-        loader: the underlying ``torch.utils.data.DataLoader``.
-        batch_sampler: the :class:`ShardedBatchSampler` (map-style data) or None (streams).
-        num_skipped: undecodable images skipped so far on this process.
-        num_samples: this process's samples per epoch when known.
-    """
-
-    def __init__(self, loader: DataLoader, batch_sampler: ShardedBatchSampler | None, num_samples: int | None):
-        self.loader, self.batch_sampler, self.num_samples = loader, batch_sampler, num_samples
-        self.batch_size = batch_sampler.batch_size if batch_sampler is not None else loader.batch_size
-        self.num_skipped = 0
-
-    @property
-    def dataset(self) -> Any:
-        return self.loader.dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.batch_sampler is not None:
-            self.batch_sampler.set_epoch(epoch)
-        elif hasattr(self.loader.dataset, "set_epoch"):
-            self.loader.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        if self.batch_sampler is not None:
-            return len(self.batch_sampler)
-        if self.num_samples is None:
-            raise TypeError("a streamed loader of unknown size has no len()")
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, skipped in self.loader:
-            self.num_skipped += skipped
-            if len(labels):
-                yield images, labels
-
-
-def create_loader(
-    dataset_spec: str,
-    split: str,
-    *,
-    image_size: int | Sequence[int] | None = None,
-    batch_size: int,
-    num_workers: int = 0,
-    shuffle: bool = False,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    max_samples: int | None = None,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    streaming: bool | None = None,
-    drop_last: bool = False,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
-    crop_mode: str | None = None,
-    data_config: Mapping[str, Any] | None = None,
-    train_transform: str = "eval",
-    jpeg_draft: bool = False,
-    pin_memory: bool = False,
-    samples_per_epoch: int | None = None,
-) -> tuple[ImageLoader, dict]:
-    """A loader of this rank's share of ``dataset_spec``/``split`` (see :func:`create_dataset` for the sources).
-
-    Do not pass the loader to ``accelerator.prepare``: it is already sharded (that would shard twice).
-
-    Args:
-        dataset_spec: ``"fashion-mnist"``, a local parquet/image folder, or a Hub dataset id.
-        split: dataset split.
-        image_size: output ``H`` or ``(H, W)`` (or timm's ``(3, H, W)``); None: ``data_config``'s.
-        batch_size: per-process batch size.
-        num_workers: DataLoader workers (decoding happens there).
-        shuffle: reshuffle every epoch (map-style: permutation seeded with ``seed + epoch``; streams: the
-            shard order per epoch and windows of 1,024 samples within a shard, see :mod:`timm_icl.stream`).
-        seed: shuffle seed (the same on every rank).
-        rank, world_size: this process's index and the number of processes.
-        max_samples: use only the first ``max_samples`` samples.
-        image_column, label_column: column names (default: detected).
-        streaming: stream (``datasets`` IterableDataset).
-        drop_last: drop the last incomplete batch.
-        crop_pct, interpolation, crop_mode, data_config, train_transform, jpeg_draft: the crop, see
-            :func:`create_dataset` (pass the model's data config for timm's exact eval view).
-        pin_memory: pin batches (CUDA).
-        samples_per_epoch: map-style only: each epoch uses N samples of its permutation (a random subset per
-            epoch with ``shuffle``), sharded as usual.
-
-    Returns:
-        ``(loader, info)``; ``loader`` yields ``(images uint8 [B, 3, H, W], labels [B] int64)`` (float and
-        normalisation happen on the device: :func:`timm_icl.preprocess.normalize`);
-        ``info`` as in :func:`create_dataset` plus ``rank``, ``world_size``.
-
-    Example:
-        >>> loader, info = create_loader("fashion-mnist", "test", image_size=28, batch_size=256)
-        >>> images, labels = next(iter(loader))
-    """
-    dataset, info = create_dataset(
-        dataset_spec,
-        split,
-        image_column=image_column,
-        label_column=label_column,
-        streaming=streaming,
-        image_size=image_size,
-        crop_pct=crop_pct,
-        interpolation=interpolation,
-        crop_mode=crop_mode,
-        data_config=data_config,
-        train_transform=train_transform,
-        jpeg_draft=jpeg_draft,
-        max_samples=max_samples,
-    )
-    generator = torch.Generator().manual_seed(seed)  # keeps the global RNG untouched (exact resume)
-    common = dict(num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory, generator=generator)
-    if num_workers > 0:
-        common["persistent_workers"] = False
-    if isinstance(dataset, IterableDataset):
-        if samples_per_epoch is not None:
-            raise ValueError("samples_per_epoch needs map-style data; for a stream use max_samples")
-        total = info["num_samples"]
-        per_rank = len(range(rank, total, world_size)) if total is not None else None
-        if isinstance(dataset, _MapAsStream):
-            dataset.rank, dataset.world_size = rank, world_size
-            loader = DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, **common)
-            wrapped = ImageLoader(loader, None, per_rank)
-        else:  # whole shards per rank and worker, an exact resumable position (timm_icl.stream)
-            from .stream import ShardedStream, ShardedStreamLoader
-
-            stream = ShardedStream(
-                dataset.hf_dataset,
-                dataset.decoder,
-                _collate,
-                batch_size,
-                rank=rank,
-                world_size=world_size,
-                num_streams=max(1, num_workers),
-                shuffle=shuffle,
-                seed=seed,
-                drop_last=drop_last,
-                shardable=max_samples is None,  # after take(): one pseudo-shard, every rank keeps its share
-            )
-            wrapped = ShardedStreamLoader(stream, num_workers=num_workers, pin_memory=pin_memory, num_samples=per_rank)
-    else:
-        sampler = ShardedBatchSampler(
-            len(dataset),
-            batch_size,
-            rank=rank,
-            world_size=world_size,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-            samples_per_epoch=samples_per_epoch,
-        )
-        loader = DataLoader(dataset, batch_sampler=sampler, **common)
-        wrapped = ImageLoader(loader, sampler, len(range(rank, sampler.num_samples, world_size)))
-    info.update(rank=rank, world_size=world_size)
-    return wrapped, info

@@ -4,7 +4,7 @@ The exported folder holds::
 
     config.json              timm's config (``save_for_hf``) + an ``"icl"`` block: method, lambda, alpha, layers, ...
     model.safetensors        the student's weights (no pickle ``.bin``)
-    README.md                the model card from ``timm_icl/model_cards/template.md`` (model-index: a result each)
+    README.md                the model card from ``timm_icl/hub/model_cards/template.md`` (model-index: a result each)
     eval_results.json        the evaluation numbers (without per-image lists), when given
     accuracy_vs_sigma.png    accuracy against distortion strength, when results are given
 
@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
-from .results import canonical_json, format_table, json_safe, plot_accuracy_vs_sigma
+from ..data.fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
+from ..eval.results import canonical_json, format_table, json_safe, plot_accuracy_vs_sigma
 
 __all__ = [
     "export_model",
@@ -194,14 +194,14 @@ def export_model(
         icl_config: the training settings recorded in config.json's ``"icl"`` block, e.g. ``{"method": "icl",
             "lambda": 0.1, "alpha": 100, "layers": [...], "distortions": "noise:20,... blur:2,...",
             "reference_model": "vgg16.tv_in1k"}`` (``constraint``/``constraint_weight`` are accepted as aliases).
-        results: an :func:`~timm_icl.evaluate.evaluate_robustness` result: card table, model-index, plot.
+        results: an :func:`~timm_icl.eval.evaluate.evaluate_robustness` result: card table, model-index, plot.
         model_name: the card's title and model-index name (default: the folder name).
         dataset: training/evaluation dataset id, e.g. ``"zalando-datasets/fashion_mnist"``.
         base_model: the model fine-tuned from, e.g. ``"timm/vgg16.tv_in1k"``.
         license: licence id of these weights (e.g. ``"apache-2.0"``); also written to the pretrained config.
         label_names: class names, index = class id (written to config.json for pipelines).
         data_config: the preprocessing training and evaluation used (``input_size``, ``crop_pct``, ``crop_mode``,
-            ``interpolation``, ``mean``, ``std``: :func:`~timm_icl.preprocess.resolve_preprocessing`, or a loader's
+            ``interpolation``, ``mean``, ``std``: :func:`~timm_icl.data.preprocess.resolve_preprocessing`, or a loader's
             ``info["data_config"]``), written to config.json's ``pretrained_cfg`` so that ``resolve_data_config``
             of the loaded model, transformers' image processor and ``timm-icl eval`` see the same crops. None keeps
             the model's own ``pretrained_cfg`` values.
@@ -454,13 +454,14 @@ def _preprocessing_text(pcfg: Mapping[str, Any]) -> str:
 
 def card_template() -> str:
     """The model card template (Jinja2, rendered by huggingface_hub's ``ModelCard.from_template``), package data
-    of timm_icl: ``timm_icl/model_cards/template.md``, read with ``importlib.resources`` (wheels, zips, editable)."""
+    of timm_icl: ``timm_icl/hub/model_cards/template.md``, read with ``importlib.resources`` (wheels, zips,
+    editable)."""
     from importlib import resources
 
     try:
-        return resources.files("timm_icl").joinpath("model_cards", "template.md").read_text(encoding="utf-8")
+        return resources.files("timm_icl.hub").joinpath("model_cards", "template.md").read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError("timm_icl/model_cards/template.md is missing: reinstall timm-icl") from None
+        raise FileNotFoundError("timm_icl/hub/model_cards/template.md is missing: reinstall timm-icl") from None
 
 
 def _hub_id_of_timm_name(name: str) -> str | None:

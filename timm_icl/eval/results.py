@@ -1,6 +1,6 @@
 """Evaluation results: save and load, group means, tables, plots, 95% intervals and paired tests, in one place.
 
-A *result* is what :func:`~timm_icl.evaluate.evaluate_robustness` returns (and ``timm-icl eval -o`` writes)::
+A *result* is what :func:`~timm_icl.eval.evaluate.evaluate_robustness` returns (and ``timm-icl eval -o`` writes)::
 
     {"conditions": {name: {"kind", "sigma", "top1", "top5", "correct", "count"}},
      "summary": {"clean", "noise", "blur"}, "per_image": {name: [0/1, ...]}, "distortions", "seed", "num_samples"}
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .target_cache import pack_bits, unpack_bits
+from ..target_cache import pack_bits, unpack_bits
 
 __all__ = [
     "summarize",
@@ -91,6 +91,13 @@ def condition_names(conditions: Mapping[str, Mapping[str, Any]], group: str) -> 
     if group in GROUPS or any(c["kind"] == group for c in conditions.values()):
         return [n for n in sort_conditions(conditions) if conditions[n]["kind"] == group]
     return [group] if group in conditions else []
+
+
+def _registered_kinds() -> dict:
+    """``{name: DistortionSpec}`` of the kinds registered now (families and units for tables and plots)."""
+    from ..distortions import distortion_names, get_distortion
+
+    return {name: get_distortion(name) for name in distortion_names()}
 
 
 def summarize(conditions: Mapping[str, Mapping[str, Any]], metric: str = "top1") -> dict[str, float | None]:
@@ -508,7 +515,7 @@ def format_corruption_table(
     """
     if not results_by_name:
         raise ValueError("format_corruption_table needs at least one result")
-    from .conditions import _REGISTRY
+    _REGISTRY = _registered_kinds()
 
     means = {name: _condition_means(value, "top1") for name, value in results_by_name.items()}
     scores = {n: mean_corruption_error(v, baseline) for n, v in results_by_name.items()} if baseline is not None else {}
@@ -568,7 +575,7 @@ def plot_accuracy_vs_sigma(
     if not results_by_name:
         raise ValueError("plot_accuracy_vs_sigma needs at least one result")
     all_runs = [r for v in results_by_name.values() for r in _runs(v)]
-    from .conditions import _REGISTRY
+    _REGISTRY = _registered_kinds()
 
     present = dict.fromkeys(c["kind"] for r in all_runs for c in r["conditions"].values())
     # noise and blur first, then every other kind (camera corruptions) grouped by family, one panel each

@@ -1,0 +1,38 @@
+"""Data: timm's eval preprocessing in uint8 on the host (:mod:`.preprocess`), datasets from Hugging Face
+``datasets``, local folders and Fashion-MNIST (:mod:`.datasets`), loaders sharded by rank (:mod:`.loader`),
+resumable sharded streams (:mod:`.stream`) and the Fashion-MNIST files from Debian's package
+(:mod:`.fashion_mnist`)."""
+
+from .datasets import FashionMNISTDataset, create_dataset, decode_image
+from .loader import ImageLoader, ShardedBatchSampler, create_loader
+from .preprocess import (
+    ImageTransform,
+    UnusableImageError,
+    check_unit_range,
+    normalize,
+    open_image,
+    preprocess_image,
+    resolve_preprocessing,
+    to_unit_float,
+)
+from .stream import ShardedStream, ShardedStreamLoader, StreamBatch
+
+__all__ = [
+    "FashionMNISTDataset",
+    "create_dataset",
+    "create_loader",
+    "ImageLoader",
+    "ShardedBatchSampler",
+    "decode_image",
+    "ImageTransform",
+    "UnusableImageError",
+    "check_unit_range",
+    "normalize",
+    "open_image",
+    "preprocess_image",
+    "resolve_preprocessing",
+    "to_unit_float",
+    "ShardedStream",
+    "ShardedStreamLoader",
+    "StreamBatch",
+]
