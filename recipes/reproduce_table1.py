@@ -16,7 +16,8 @@ The protocol (the paper's, scaled down; every choice the paper leaves open is be
    test set (10,000 images) is only used for the final table.
 2. Train the reference (``vgg_tiny``: vgg16's layout with ``pre_logits.fc1/fc2``) on clean images.
 3. Lambda sweep {0.125, 0.1, 0.075, 0.05, 0.025} for each constraint (ICL, MSE, AB) with seed 0, selected on the
-   validation split by the mean top-1 over the ten distortion conditions.
+   validation split by the mean top-1 over the ten distortion conditions (``--lambdas extended`` adds 0.3, 1, 3;
+   ``--lambdas 0.025,0.1,1`` any grid).
 4. With the selected lambdas, fine-tune plain / MSE / ICL / AB from the reference for several seeds. Within a seed
    every method sees the same data order and the same distortion draws.
 5. Evaluate every model on the test set, clean and under each condition (noise seed 0), and write
@@ -26,7 +27,10 @@ The protocol (the paper's, scaled down; every choice the paper leaves open is be
 ``--train-sizes 3000,12000,54000`` runs the whole protocol (reference, lambda sweep, seeds) on the first N fitting
 images for each N and writes ``results/train_size_sweep.{md,json,png}``: the ICL - fine-tuning gain on noise and
 blur against the training-set size, with 95% intervals and paired tests (``--shared-reference`` trains one
-reference on the largest size instead: a practitioner's pretrained model, fine-tuned on less data).
+reference on all 54,000 fitting images instead: a practitioner's pretrained model, fine-tuned on less data; it is
+the 54,000-image protocol's own reference, the same run folder; ``--reference own,shared`` runs both).
+``--name when_icl_helps`` writes the report under another stem; the report is rewritten after each protocol, so a
+stopped invocation leaves a partial one (labelled so), and the next invocation reuses every finished run.
 
 Distortions: the paper's sigmas are meant for 224 px ImageNet images; for 28 px images the set is
 ``timm_icl.SMALL_IMAGE_DISTORTIONS`` (noise 30..150, blur 1..3 px with the paper's kernel rule), chosen so that the
@@ -34,8 +38,10 @@ clean reference falls from mild to severe across the five levels of each type (t
 
 Open choices (paper silent): one model per method trained on noise and blur together, one condition drawn
 uniformly per image, noise clamped to [0, 1], reflect-101 blur borders, no crop (28 px images are used whole), SGD
-with momentum 0.9 (timm's ``momentum`` optimizer), weight decay 5e-4 (not on biases and norms, timm's default),
-cosine learning-rate decay. The paper's learning rate 0.001 is for an ImageNet-trained VGG-16 over 40 epochs;
+with momentum 0.9 (timm's ``momentum`` optimizer), weight decay 5e-4 (not on biases and norms, timm's default).
+The fine-tuning schedule is ``--ft-sched``: ``constant`` by default (the paper names none: a constant rate), ``cosine``,
+or ``constant,cosine`` (every protocol under both: the schedule contrast); the reference always trains with cosine
+and is shared by the schedules. The paper's learning rate 0.001 is for an ImageNet-trained VGG-16 over 40 epochs;
 here fine-tuning runs a few epochs, so it uses 0.01 (``--ft-lr``).
 """
 
@@ -69,11 +75,14 @@ from timm_icl.eval.results import (  # noqa: E402
     load_results,
     pack_result,
     plot_accuracy_vs_sigma,
+    summarize,
     unpack_result,
 )
 
 NAMES = {"none": "Fine-tuning", "icl": "ICL (proposed)", "mse": "MSE", "ab": "AB (Heo et al.)"}  # report order
 SPLIT_SEED = 12345
+SCHEDULES = ("constant", "cosine")  # fine-tuning schedules (timm's --sched); the reference trains with cosine
+LAMBDA_GRIDS = {"paper": "0.125,0.1,0.075,0.05,0.025", "extended": "0.125,0.1,0.075,0.05,0.025,0.3,1,3"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -90,13 +99,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ref-batch-size", type=int, default=128)
     parser.add_argument("--ft-epochs", type=int, default=3)
     parser.add_argument("--ft-lr", type=float, default=0.01)
+    parser.add_argument(
+        "--ft-sched",
+        default="constant",
+        help="fine-tuning learning-rate schedule: constant (the paper's: no schedule named), cosine, or both "
+        "(constant,cosine: every protocol under each, for the schedule contrast); the reference is always cosine",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch (the paper's)")
-    parser.add_argument("--lambdas", default="0.125,0.1,0.075,0.05,0.025", help="the paper's sweep")
+    parser.add_argument(
+        "--lambdas",
+        default="paper",
+        help="lambda grid for the validation sweep: values (0.025,0.1,1), 'paper' (0.125,0.1,0.075,0.05,0.025) or "
+        "'extended' (the paper's plus 0.3,1,3)",
+    )
     parser.add_argument("--constraints", default="icl,mse,ab")
     parser.add_argument("--val-size", type=int, default=6000)
     parser.add_argument("--test-size", type=int, default=None, help="first N test images (default: all 10,000)")
     parser.add_argument("--train-sizes", default=None, help="e.g. 3000,12000,54000: the training-set-size sweep")
-    parser.add_argument("--shared-reference", action="store_true", help="sweep: one reference, on the largest size")
+    parser.add_argument(
+        "--reference",
+        default="own",
+        help="own: a reference trained on each size's N images; shared: one reference on all fitting images "
+        "(a practitioner's pretrained model, fine-tuned on less data); own,shared: both",
+    )
+    parser.add_argument("--shared-reference", action="store_true", help="the same as --reference shared")
+    parser.add_argument("--name", default=None, help="report file stem under OUT (default: by mode)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="reports here, run folders in OUT/runs/")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--report-only", type=Path, default=None, help="rebuild the Markdown and plot from a JSON")
@@ -105,8 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    args.lambdas = LAMBDA_GRIDS.get(args.lambdas, args.lambdas)
+    if args.shared_reference:
+        args.reference = "shared"
+    args.ft_scheds = parse_list(args.ft_sched, "--ft-sched", SCHEDULES)
+    args.references = parse_list(args.reference, "--reference", ("own", "shared"))
+    try:
+        lambdas = [float(v) for v in args.lambdas.split(",")]
+    except ValueError:
+        sys.exit(f"error: --lambdas {args.lambdas!r}: comma-separated numbers, 'paper' or 'extended'")
+    if any(lam <= 0 for lam in lambdas):
+        sys.exit(f"error: --lambdas {args.lambdas!r}: every lambda must be > 0 (lambda 0 is plain fine-tuning)")
     if args.quick:  # the pipeline end to end on small subsets: checks the code, not the conclusion
-        args.seeds, args.ref_epochs, args.ft_epochs, args.lambdas = 2, 2, 1, "0.1,0.05"
+        args.seeds, args.ref_epochs, args.ft_epochs = 2, 2, 1
+        args.lambdas = "0.1,0.05" if args.lambdas == LAMBDA_GRIDS["paper"] else args.lambdas
         args.val_size, args.test_size = 150, args.test_size or 300
         args.constraints = "icl,mse" if args.constraints == "icl,mse,ab" else args.constraints
     sizes = [int(s) for s in args.train_sizes.split(",")] if args.train_sizes else None
@@ -120,7 +159,18 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def parse_list(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma-separated choice list, in the order given, each value once."""
+    values = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        sys.exit(f"error: {option} {text!r}: choose from {', '.join(allowed)} (comma-separated for several)")
+    return values
+
+
 def stem_of(args: argparse.Namespace) -> str:
+    if args.name:
+        return args.name + ("_quick" * args.quick)
     return ("train_size_sweep" if args.mode == "train_sizes" else "table1_fashion_mnist") + ("_quick" * args.quick)
 
 
@@ -171,12 +221,15 @@ def train_run(
     lam: float | None = None,
     seed: int = 0,
     init: Path | None = None,
+    sched: str = "cosine",
 ) -> Path:
-    """Train one model with ``train_icl.main``; ``init=None`` trains the reference on clean images. Returns the
-    exported model folder (``run_dir/model``)."""
+    """Train one model with ``train_icl.main``; ``init=None`` trains the reference on clean images (always with a
+    cosine schedule), else fine-tunes ``init`` with the learning-rate schedule ``sched`` (timm's ``--sched``).
+    Returns the exported model folder (``run_dir/model``); the training's wall time goes to ``run_dir/wall.json``."""
+    sched = "cosine" if init is None else sched
     common = ["--dataset", str(data_dir), "--train-split", "train", "--val-split", "none"]
     common += ["--max-train-samples", str(size), "--opt", "momentum", "--momentum", "0.9", "--weight-decay", "5e-4"]
-    common += ["--sched", "cosine", "--seed", str(seed), "--num-workers", "0", "--checkpoint-every-epochs", "0"]
+    common += ["--sched", sched, "--seed", str(seed), "--num-workers", "0", "--checkpoint-every-epochs", "0"]
     common += ["--output-dir", str(run_dir), "--log-every", "20", "--distortions", args.distortions]
     if init is None:  # the reference: plain training on clean images
         argv = ["--model", args.model, "--no-pretrained", "--num-classes", str(len(CLASS_NAMES))]
@@ -193,8 +246,10 @@ def train_run(
         return run_dir / "model"
     if run_dir.exists():  # an unfinished or different run: start it again from nothing
         shutil.rmtree(run_dir)
-    print(f"[train] {run_dir.name}", flush=True)
+    print(f"[train] {run_dir}", flush=True)
+    start = time.perf_counter()
     train_icl.main(common + argv)
+    (run_dir / "wall.json").write_text(json.dumps({"train_seconds": time.perf_counter() - start}))
     mark_finished(run_dir / "reuse.json", key)
     return run_dir / "model"
 
@@ -228,6 +283,14 @@ def evaluate_run(args: argparse.Namespace, model_dir: Path, dataset: str, split:
     return load_results(out)
 
 
+def train_seconds(run_dir: Path) -> float | None:
+    """Wall time of a run's training (``wall.json``, written when it finished; None for older runs)."""
+    try:
+        return float(json.loads((run_dir / "wall.json").read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def images_per_second(run_dir: Path) -> float | None:
     """Training throughput of a run: the last train record of its metrics.jsonl."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -243,15 +306,29 @@ def distorted_mean(result: dict) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # the protocol at one training-set size
 # ---------------------------------------------------------------------------------------------------------------------
-def run_protocol(args: argparse.Namespace, data_dir: Path, runs: Path, size: int, reference: Path | None) -> dict:
-    """Reference (unless given), lambda sweep on validation (seed 0), then every method for ``args.seeds`` seeds,
-    each evaluated on the test set. Returns the protocol's record (results unpacked)."""
+def run_protocol(
+    args: argparse.Namespace,
+    data_dir: Path,
+    runs: Path,
+    size: int,
+    reference: Path | None,
+    sched: str = "constant",
+    reference_size: int | None = None,
+) -> dict:
+    """Reference (unless given: trained on ``reference_size`` images), lambda sweep on validation (seed 0), then
+    every method for ``args.seeds`` seeds, each fine-tuned with the schedule ``sched`` and evaluated on the test
+    set. Returns the protocol's record (results unpacked)."""
     constraints = [c for c in args.constraints.split(",") if c]
     lambdas = [float(v) for v in args.lambdas.split(",")]
     runs = runs / f"n{size}"
     if reference is None:
         reference = train_run(args, data_dir, runs / "reference", size=size, constraint="none")
-    record: dict = {"train_size": size, "reference_model": str(reference)}
+    elif reference_size != size:  # a shared reference: its fine-tuning runs apart from the own-reference ones
+        runs = runs.with_name(f"n{size}_ref{reference_size}")
+    runs = runs / sched  # the reference is shared by the schedules, the fine-tuning runs are not
+    record: dict = {"train_size": size, "reference_model": str(reference), "ft_sched": sched}
+    record["reference_size"] = reference_size or size
+    walls: dict[str, float] = {}
     record["reference_val"] = evaluate_run(args, reference, str(data_dir), "validation", None)
     record["reference_test"] = evaluate_run(args, reference, "fashion-mnist", "test", args.test_size)
 
@@ -261,12 +338,18 @@ def run_protocol(args: argparse.Namespace, data_dir: Path, runs: Path, size: int
         sweep[constraint] = {}
         for lam in lambdas:
             run_dir = runs / f"sweep_{constraint}_l{lam:g}"
-            model = train_run(args, data_dir, run_dir, size=size, constraint=constraint, lam=lam, init=reference)
+            model = train_run(
+                args, data_dir, run_dir, size=size, constraint=constraint, lam=lam, init=reference, sched=sched
+            )
+            walls[run_dir.name] = train_seconds(run_dir)
             score = distorted_mean(evaluate_run(args, model, str(data_dir), "validation", None))
             sweep[constraint][f"{lam:g}"] = score
-            print(f"[sweep n={size}] {constraint} lambda {lam:g}: validation distorted top-1 {score:.4f}", flush=True)
+            print(
+                f"[sweep n={size} {sched}] {constraint} lambda {lam:g}: validation distorted top-1 {score:.4f}",
+                flush=True,
+            )
         selected[constraint] = float(max(sweep[constraint], key=sweep[constraint].get))
-        print(f"[sweep n={size}] {constraint}: lambda {selected[constraint]:g} (paper: icl 0.1, mse 0.05)")
+        print(f"[sweep n={size} {sched}] {constraint}: lambda {selected[constraint]:g} (paper: icl 0.1, mse 0.05)")
     record.update(sweep=sweep, selected_lambda=selected)
 
     record["runs"] = {m: [] for m in ["none"] + constraints}
@@ -275,11 +358,15 @@ def run_protocol(args: argparse.Namespace, data_dir: Path, runs: Path, size: int
         for method in record["runs"]:
             run_dir = runs / f"{method}_s{seed}"
             lam = selected[method]
-            model = train_run(args, data_dir, run_dir, size=size, constraint=method, lam=lam, seed=seed, init=reference)
+            model = train_run(
+                args, data_dir, run_dir, size=size, constraint=method, lam=lam, seed=seed, init=reference, sched=sched
+            )
+            walls[run_dir.name] = train_seconds(run_dir)
             record["runs"][method].append(evaluate_run(args, model, "fashion-mnist", "test", args.test_size))
             rate = images_per_second(run_dir)
             speed[method] += [rate] if rate else []
     record["images_per_s"] = {m: statistics.median(v) for m, v in speed.items() if v}
+    record["train_seconds"] = walls
     return record
 
 
@@ -300,25 +387,44 @@ def by_name(record: dict) -> dict[str, list[dict]]:
     return {method_name(m, record): record["runs"][m] for m in in_order(record["runs"])}
 
 
+def schedule_of(record: dict) -> str:
+    """The fine-tuning schedule of a record; records written before ``--ft-sched`` existed used cosine."""
+    return record.get("ft_sched", "cosine")
+
+
+def reference_of(record: dict) -> str:
+    """``own`` (a reference trained on the same N images) or ``shared (N)`` (one on more images)."""
+    size = record.get("reference_size", record["train_size"])
+    return "own" if size == record["train_size"] else f"shared ({size})"
+
+
+def setting(record: dict) -> str:
+    """One protocol's setting in words, for headings."""
+    reference = reference_of(record)
+    reference = "own reference" if reference == "own" else f"reference on {record['reference_size']} images"
+    return f"{record['train_size']} training images, {reference}, fine-tuning lr schedule {schedule_of(record)}"
+
+
 def protocol_report(config: dict, record: dict, level: str = "##") -> list[str]:
     """Markdown of one protocol: the table, paired tests, the sweep, the distortion check, cost."""
     named = by_name(record)
     lines = [
-        f"{level} Test-set top-1 (%), {len(next(iter(named.values())))} seeds, {record['train_size']} training images",
+        f"{level} Test-set top-1 (%), {len(next(iter(named.values())))} seeds, {setting(record)}",
         "",
         format_table({"reference (no fine-tuning)": record["reference_test"], **named}, digits=2, percent=True),
         "",
         "Cells: mean ± std over seeds (clean, noise and blur means), mean over seeds (each sigma).",
         "",
-        f"{level}# Intervals and paired tests against plain fine-tuning",
+        f"{level}# Intervals and paired tests against plain fine-tuning (schedule {schedule_of(record)})",
         "",
         format_comparison(named, baseline=method_name("none", record)),
         "",
-        f"{level}# Lambda sweep (validation split, seed 0, mean top-1 % over the distortion conditions)",
+        f"{level}# Lambda sweep (validation split, seed 0, mean top-1 % over the distortion conditions, "
+        f"schedule {schedule_of(record)})",
         "",
     ]
     if record["sweep"]:
-        lams = sorted(next(iter(record["sweep"].values())), key=float, reverse=True)
+        lams = sorted(next(iter(record["sweep"].values())), key=float)
         lines += ["| constraint | " + " | ".join(lams) + " | selected |", "| --- |" + " ---: |" * (len(lams) + 1)]
         for constraint in in_order(record["sweep"]):
             scores = record["sweep"][constraint]
@@ -336,6 +442,10 @@ def protocol_report(config: dict, record: dict, level: str = "##") -> list[str]:
         text = ", ".join(f"{NAMES.get(m, m)} {speed[m]:.0f}" for m in in_order(speed))
         ratio = f"; ICL step time / plain: {speed['none'] / speed['icl']:.2f}x" if "icl" in speed else ""
         lines += [f"Training throughput (img/s, median over seeds, this machine): {text}{ratio}.", ""]
+    walls = {k: v for k, v in record.get("train_seconds", {}).items() if v is not None}
+    if walls:
+        text = "; ".join(f"{k} {v:.0f}" for k, v in walls.items())
+        lines += [f"Training wall time per run (s, this machine, shared CPU): {text}.", ""]
     return lines
 
 
@@ -344,12 +454,22 @@ def gains(record: dict, constraint: str = "icl") -> dict[str, dict]:
     return {g: compare_runs(record["runs"][constraint], record["runs"]["none"], g) for g in ("clean", "noise", "blur")}
 
 
+def seed_deltas(record: dict, constraint: str, group: str) -> list[float]:
+    """Per seed: the constraint run's mean top-1 on ``group`` minus the fine-tuning run's of the same seed."""
+    return [
+        summarize(a["conditions"])[group] - summarize(b["conditions"])[group]
+        for a, b in zip(record["runs"][constraint], record["runs"]["none"])
+    ]
+
+
 def gains_table(records: list[dict]) -> str:
-    """Markdown: constraint - fine-tuning in top-1 points per training-set size, 95% intervals, p-values, seeds."""
+    """Markdown: constraint - fine-tuning in top-1 points per training-set size, reference and fine-tuning schedule:
+    95% intervals, p-values, and the per-seed deltas (seeds better in brackets)."""
     lines = [
-        "| training images | constraint | λ | clean Δ [95% CI] | noise Δ [95% CI] | p (noise) | seeds better (noise) "
-        "| blur Δ [95% CI] | p (blur) | seeds better (blur) |",
-        "| ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |",
+        "| training images | reference | fine-tuning schedule | constraint | λ | clean Δ [95% CI] | p (clean) "
+        "| noise Δ [95% CI] | p (noise) | per-seed Δ noise (better) | blur Δ [95% CI] | p (blur) "
+        "| per-seed Δ blur (better) |",
+        "| ---: | --- | --- | --- | ---: | --- | ---: | --- | ---: | --- | --- | ---: | --- |",
     ]
     for record in records:
         for constraint in in_order(m for m in record["runs"] if m != "none"):
@@ -358,44 +478,96 @@ def gains_table(records: list[dict]) -> str:
                 k: f"{100 * v['mean_difference']:+.2f} [{100 * v['low']:+.2f}, {100 * v['high']:+.2f}]"
                 for k, v in g.items()
             }
+            seeds = {
+                k: ", ".join(f"{100 * d:+.2f}" for d in seed_deltas(record, constraint, k))
+                + f" ({g[k]['runs_better']}/{g[k]['runs']})"
+                for k in ("noise", "blur")
+            }
             lines.append(
-                f"| {record['train_size']} | {NAMES.get(constraint, constraint)} | "
-                f"{record['selected_lambda'][constraint]:g} | {cell['clean']} | {cell['noise']} | "
-                f"{g['noise']['p_value']:.3g} | {g['noise']['runs_better']}/{g['noise']['runs']} | {cell['blur']} | "
-                f"{g['blur']['p_value']:.3g} | {g['blur']['runs_better']}/{g['blur']['runs']} |"
+                f"| {record['train_size']} | {reference_of(record)} | {schedule_of(record)} | "
+                f"{NAMES.get(constraint, constraint)} | {record['selected_lambda'][constraint]:g} | {cell['clean']} | "
+                f"{g['clean']['p_value']:.3g} | {cell['noise']} | {g['noise']['p_value']:.3g} | {seeds['noise']} | "
+                f"{cell['blur']} | {g['blur']['p_value']:.3g} | {seeds['blur']} |"
             )
     return "\n".join(lines)
 
 
+def schedule_table(records: list[dict]) -> str:
+    """Markdown: each run's mean top-1 under constant vs cosine fine-tuning (per method, seed-averaged), where a
+    setting ran under both: which schedule a user should pick, before any constraint."""
+    lines = [
+        "| training images | reference | method | group | constant | cosine | cosine - constant [95% CI] | p |",
+        "| ---: | --- | --- | --- | ---: | ---: | --- | ---: |",
+    ]
+    settings: dict[tuple, dict[str, dict]] = {}
+    for record in records:
+        settings.setdefault((record["train_size"], reference_of(record)), {})[schedule_of(record)] = record
+    for (size, reference), by_sched in settings.items():
+        if not {"constant", "cosine"} <= set(by_sched):
+            continue
+        constant, cosine = by_sched["constant"], by_sched["cosine"]
+        for method in in_order(set(constant["runs"]) & set(cosine["runs"])):
+            for group in ("clean", "noise", "blur"):
+                g = compare_runs(cosine["runs"][method], constant["runs"][method], group)
+                mean = {
+                    k: statistics.fmean(summarize(r["conditions"])[group] for r in rec["runs"][method])
+                    for k, rec in by_sched.items()
+                }
+                lines.append(
+                    f"| {size} | {reference} | {method_name(method, constant)}"
+                    + (f" / {cosine['selected_lambda'][method]:g}" if method != "none" else "")
+                    + f" | {group} | {100 * mean['constant']:.2f} | "
+                    f"{100 * mean['cosine']:.2f} | {100 * g['mean_difference']:+.2f} [{100 * g['low']:+.2f}, "
+                    f"{100 * g['high']:+.2f}] | {g['p_value']:.3g} |"
+                )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def plot_gains(records: list[dict], path: Path) -> Path:
-    """PNG: constraint - fine-tuning (points, 95% interval) against the training-set size, noise and blur panels."""
+    """PNG: constraint - fine-tuning (points, 95% interval) on clean, noise and blur, by setting (training-set size
+    and reference) on the x axis, one marker per fine-tuning schedule."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4), squeeze=False)
-    constraints = in_order(m for m in records[0]["runs"] if m != "none")
-    for ax, group in zip(axes[0], ("noise", "blur")):
-        for constraint in constraints:
-            points = [(r["train_size"], gains(r, constraint)[group]) for r in records]
-            xs = [x for x, _ in points]
-            ys = [100 * g["mean_difference"] for _, g in points]
-            err = [
-                [100 * (g["mean_difference"] - g["low"]) for _, g in points],
-                [100 * (g["high"] - g["mean_difference"]) for _, g in points],
+    settings = list(dict.fromkeys((r["train_size"], reference_of(r)) for r in records))
+    scheds = list(dict.fromkeys(schedule_of(r) for r in records))
+    constraints = in_order({m for r in records for m in r["runs"] if m != "none"})
+    series = [(c, s) for c in constraints for s in scheds]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), squeeze=False)
+    for ax, group in zip(axes[0], ("clean", "noise", "blur")):
+        for k, (constraint, sched) in enumerate(series):
+            offset = (k - (len(series) - 1) / 2) * 0.12
+            points = [
+                (settings.index((r["train_size"], reference_of(r))) + offset, gains(r, constraint)[group], r)
+                for r in records
+                if schedule_of(r) == sched and constraint in r["runs"]
             ]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=NAMES.get(constraint, constraint))
+            if not points:
+                continue
+            ys = [100 * g["mean_difference"] for _, g, _ in points]
+            err = [
+                [100 * (g["mean_difference"] - g["low"]) for _, g, _ in points],
+                [100 * (g["high"] - g["mean_difference"]) for _, g, _ in points],
+            ]
+            label = f"{NAMES.get(constraint, constraint)}, {sched} lr"
+            ax.errorbar(
+                [x for x, _, _ in points], ys, yerr=err, marker="os^v"[k % 4], capsize=3, ls="none", label=label
+            )
+            for x, g, r in points:
+                ax.annotate(
+                    f"λ{r['selected_lambda'][constraint]:g}", (x, 100 * g["high"]), fontsize=6, ha="center", va="bottom"
+                )
         ax.axhline(0.0, color="k", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_xticks(xs, [f"{x:,}" for x in xs])  # label the sizes that ran; log-scale minor labels overlap
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("training images (log scale)")
+        labels = [f"{size:,}" + ("" if ref == "own" else f"\nref {ref[8:-1]}") for size, ref in settings]
+        ax.set_xticks(range(len(settings)), labels)
+        ax.set_xlim(-0.6, len(settings) - 0.4)
+        ax.set_xlabel("training images (reference)")
         ax.set_ylabel(f"{group}: top-1 gain over fine-tuning (points)")
-        ax.set_title(f"Gaussian {group}, mean over sigmas and seeds, 95% CI")
+        ax.set_title(f"{group}: mean over sigmas and seeds, 95% CI", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -406,10 +578,17 @@ def write_reports(payload: dict, json_path: Path) -> str:
     """``.md`` and ``.png`` next to ``json_path`` from a payload (results unpacked). Returns the Markdown."""
     config, records = payload["config"], payload["protocols"]
     quick = "  (QUICK MODE: pipeline check only)" if config.get("quick") else ""
+    planned = payload.get("planned_protocols", len(records))
+    if len(records) < planned:
+        quick += f"  (PARTIAL: {len(records)} of {planned} protocols finished)"
+    scheds = list(dict.fromkeys(schedule_of(r) for r in records))
+    grid = ", ".join(sorted({k for r in records for v in r["sweep"].values() for k in v}, key=float))
     setup = (
         f"Distortions `{payload['distortions']}` (the paper's set scaled to 28 px). Reference: {config['ref_epochs']} "
-        f"epochs on clean images; fine-tuning: {config['ft_epochs']} epochs, batch {config['batch_size']}, SGD "
-        f"momentum lr {config['ft_lr']}; lambda selected on a {config['val_size']}-image validation split. Test set: "
+        f"epochs on clean images, cosine schedule; fine-tuning: {config['ft_epochs']} epochs, batch "
+        f"{config['batch_size']}, SGD momentum lr {config['ft_lr']}, learning-rate schedule "
+        f"{' and '.join(scheds)} (constant: the paper's protocol, which names no schedule); lambda selected on a "
+        f"{config['val_size']}-image validation split from {{{grid}}}. Test set: "
         f"{records[0]['reference_test']['num_samples']} images, noise seed 0. Every model trained by "
         "`recipes/train_icl.py` and evaluated by `timm-icl eval`; each run's folder is under runs/."
     )
@@ -425,7 +604,7 @@ def write_reports(payload: dict, json_path: Path) -> str:
         ),
         "",
     ]
-    if payload["mode"] == "table1":
+    if payload["mode"] == "table1" and len(records) == 1:
         record = records[0]
         lines = [f"# Table 1 in miniature: Fashion-MNIST, {config['model']}{quick}", "", setup, ""]
         lines += protocol_report(config, record) + footer
@@ -433,17 +612,31 @@ def write_reports(payload: dict, json_path: Path) -> str:
             by_name(record), json_path.with_suffix(".png"), reference=record["reference_test"], metric="top1"
         )
     else:
-        lines = [f"# Where does ICL help? Fashion-MNIST, {config['model']}, by training-set size{quick}", "", setup, ""]
+        by = ["training-set size"] + ["fine-tuning schedule"] * (len(scheds) > 1)
+        by += ["reference"] * (len({reference_of(r) for r in records}) > 1)
+        title = "When does ICL help?" if config.get("name") else "Where does ICL help?"
+        lines = [f"# {title} Fashion-MNIST, {config['model']}, by {', '.join(by)}{quick}", "", setup, ""]
         lines += [
-            "## Gain over plain fine-tuning (top-1 points), by training-set size",
+            "## Gain over plain fine-tuning (top-1 points), by training-set size, reference and schedule",
             "",
             "Δ = constraint - fine-tuning on the same test images; interval and p from a paired z-test on each "
-            "image's accuracy averaged over the group's sigmas and the seeds; seeds better = seeds whose run beats "
-            "the fine-tuning run of the same seed (same data order and distortion draws).",
+            "image's accuracy averaged over the group's sigmas and the seeds; per-seed Δ = the constraint run minus "
+            "the fine-tuning run of the same seed (same data order and distortion draws), seeds better in brackets.",
             "",
             gains_table(records),
             "",
         ]
+        contrast = schedule_table(records)
+        if contrast:
+            lines += [
+                "## The schedule itself: cosine - constant fine-tuning, per method (top-1 %, mean over seeds)",
+                "",
+                "Same reference, data order and distortion draws; λ may differ (each schedule selects its own on "
+                "validation). Paired z-test over images, seeds paired by seed.",
+                "",
+                contrast,
+                "",
+            ]
         for record in records:
             lines += protocol_report(config, record, level="##")
         lines += footer
@@ -492,24 +685,32 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.out / "runs" / ("fashion_mnist_quick" if args.quick else "fashion_mnist")
     data_dir = prepare_data(args, runs / "data")
     print(f"data: training sizes {args.sizes}, validation {args.val_size} images in {data_dir}; test: Fashion-MNIST")
-    shared = None
-    if args.shared_reference:
-        shared = train_run(args, data_dir, runs / "reference_shared", size=max(args.sizes), constraint="none")
-    records = [run_protocol(args, data_dir, runs, size, shared) for size in args.sizes]
-    payload = {
-        "mode": args.mode,
-        "config": {k: v for k, v in vars(args).items() if k not in ("report_only", "reused")},
-        "distortions": parse_distortions(args.distortions).to_text(),
-        "protocols": records,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"timm {__import__('timm').__version__}, timm-icl {timm_icl.__version__}",
-        "wall_seconds": time.perf_counter() - wall_start,
-        "reused_runs": args.reused,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
+    # the shared reference is the own reference of the largest size (all fitting images): the same run folder
+    fitting = max(args.sizes) if args.quick else 60000 - args.val_size
+    plan = [(ref, size, sched) for ref in args.references for size in args.sizes for sched in args.ft_scheds]
+    plan = [p for p in plan if not (p[0] == "shared" and p[1] == fitting and ("own", *p[1:]) in plan)]  # the same
     json_path = args.out / f"{stem_of(args)}.json"
-    json_path.write_text(canonical_json(pack_payload(payload)))
-    print(write_reports(payload, json_path))
+    records: list[dict] = []
+    for ref, size, sched in plan:  # the report is rewritten after each protocol: a stopped run leaves a partial one
+        shared = None
+        if ref == "shared":
+            shared = train_run(args, data_dir, runs / f"n{fitting}" / "reference", size=fitting, constraint="none")
+        records.append(run_protocol(args, data_dir, runs, size, shared, sched, fitting if shared else None))
+        payload = {
+            "mode": args.mode,
+            "config": {k: v for k, v in vars(args).items() if k not in ("report_only", "reused")},
+            "distortions": parse_distortions(args.distortions).to_text(),
+            "protocols": records,
+            "planned_protocols": len(plan),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"timm {__import__('timm').__version__}, timm-icl {timm_icl.__version__}",
+            "wall_seconds": time.perf_counter() - wall_start,
+            "reused_runs": args.reused,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(canonical_json(pack_payload(payload)))
+        markdown = write_reports(payload, json_path)
+    print(markdown)
     print(f"wrote {json_path.with_suffix('')}.md/.json/.png in {payload['wall_seconds'] / 60:.1f} min")
     return 0
 

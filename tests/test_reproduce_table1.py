@@ -3,6 +3,7 @@
 report computes its gains with timm_icl.eval.results' paired tests."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -109,8 +110,117 @@ def test_train_size_report_gains_from_paired_tests(tmp_path):
     assert path.with_suffix(".png").stat().st_size > 10_000
     for record in records:
         g = compare_runs(record["runs"]["icl"], record["runs"]["none"], "noise")
-        row = next(line for line in md.splitlines() if line.startswith(f"| {record['train_size']} | ICL"))
+        row = next(
+            line for line in md.splitlines() if line.startswith(f"| {record['train_size']} | own | cosine | ICL")
+        )
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[4] == f"{100 * g['mean_difference']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]"
-        assert cells[6] == "3/3" and float(cells[5]) < 1e-3  # a 10-20 point gain on 400 images x 3 seeds
+        assert cells[7] == f"{100 * g['mean_difference']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]"
+        assert float(cells[8]) < 1e-3  # a 10-20 point gain on 400 images x 3 seeds
+        # per-seed deltas: each seed's ICL noise mean minus the fine-tuning run's of the same seed
+        per_seed = [
+            summarize(a["conditions"])["noise"] - summarize(b["conditions"])["noise"]
+            for a, b in zip(record["runs"]["icl"], record["runs"]["none"])
+        ]
+        assert cells[9] == ", ".join(f"{100 * d:+.2f}" for d in per_seed) + " (3/3)"
     assert "ICL step time / plain: 1.25x" in md
+    # records written before --ft-sched (no "ft_sched") were fine-tuned with cosine, and every heading says so
+    assert "fine-tuning lr schedule cosine" in md and "schedule constant" not in md
+
+
+def _lrs(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["step"], r["lr"]) for r in records if r.get("kind") == "train"]
+
+
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="Fashion-MNIST not installed (bash .ci/setup)")
+def test_ft_sched_reaches_the_training_runs(tmp_path):
+    """--ft-sched constant keeps the fine-tuning learning rate at --ft-lr for every step; cosine decays it along
+    timm's cosine; the reference trains with cosine either way (read back from each run's metrics.jsonl)."""
+    args = reproduce_table1.parse_settings(["--quick", "--out", str(tmp_path), "--train-sizes", "600"])
+    args.ref_epochs, args.ft_epochs, args.ft_lr = 1, 3, 0.02
+    data = reproduce_table1.prepare_data(args, tmp_path / "data")
+    ref = reproduce_table1.train_run(args, data, tmp_path / "ref", size=128, constraint="none")
+    runs = {}
+    for sched in ("constant", "cosine"):
+        runs[sched] = tmp_path / sched
+        kw = dict(size=192, constraint="icl", lam=0.1, init=ref, sched=sched)
+        reproduce_table1.train_run(args, data, runs[sched], **kw)
+        train_argv = json.loads((runs[sched] / "reuse.json").read_text())["train"]  # the reuse key
+        assert train_argv[train_argv.index("--sched") + 1] == sched
+        assert json.loads((runs[sched] / "wall.json").read_text())["train_seconds"] > 0
+    constant, cosine = _lrs(runs["constant"]), _lrs(runs["cosine"])
+    # 192 images, batch 64: 3 steps per epoch, 9 steps, logged at the end of each epoch
+    assert [s for s, _ in constant] == [s for s, _ in cosine] == [3, 6, 9]
+    assert [lr for _, lr in constant] == [0.02, 0.02, 0.02]
+    for step, lr in cosine:  # the rate step `step` used: timm's cosine at step - 1 of 9, down to min-lr 0
+        assert lr == pytest.approx(0.5 * 0.02 * (1 + math.cos(math.pi * (step - 1) / 9)), rel=1e-6)
+    assert cosine[-1][1] < 0.001
+    ref_argv = json.loads((tmp_path / "ref" / "reuse.json").read_text())["train"]
+    assert ref_argv[ref_argv.index("--sched") + 1] == "cosine"  # the reference: cosine whatever the fine-tuning's
+    # the same schedule again is reused; the schedule is in the reuse key (checked above), so another is not
+    reproduce_table1.train_run(
+        args, data, runs["constant"], size=192, constraint="icl", lam=0.1, init=ref, sched="constant"
+    )
+    assert args.reused == [str(runs["constant"])]
+
+
+def test_protocol_plan_by_reference_and_schedule(tmp_path, monkeypatch):
+    """--ft-sched constant,cosine --reference own,shared: one protocol per (reference, size, schedule); the schedule
+    reaches every fine-tuning run, each schedule has its own run folders, the shared reference is the largest
+    size's own reference (one run folder), and the report states every protocol's schedule."""
+    calls = []
+    rng = np.random.default_rng(1)
+
+    def fake_train(args, data_dir, run_dir, *, size, constraint, lam=None, seed=0, init=None, sched="cosine"):
+        calls.append({"dir": run_dir, "size": size, "constraint": constraint, "init": init, "sched": sched})
+        (run_dir / "model").mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "images_per_s": 100.0}) + "\n")
+        return run_dir / "model"
+
+    monkeypatch.setattr(reproduce_table1, "train_run", fake_train)
+    monkeypatch.setattr(reproduce_table1, "prepare_data", lambda args, d: d)
+    monkeypatch.setattr(reproduce_table1, "evaluate_run", lambda *a: _fake_result(rng, 0.5))
+    argv = ["--train-sizes", "3000,54000", "--seeds", "3", "--constraints", "icl", "--lambdas", "0.1,3"]
+    argv += ["--ft-sched", "constant,cosine", "--reference", "own,shared", "--name", "contrast", "--out", str(tmp_path)]
+    assert reproduce_table1.main(argv) == 0
+    references = [c for c in calls if c["init"] is None]
+    fine_tuning = [c for c in calls if c["init"] is not None]
+    assert {c["dir"].relative_to(tmp_path).as_posix() for c in references} == {
+        "runs/fashion_mnist/n3000/reference",
+        "runs/fashion_mnist/n54000/reference",
+    }
+    assert all(c["sched"] == c["dir"].parent.name for c in fine_tuning)  # runs/.../<size>/<sched>/<run>
+    assert len({c["dir"] for c in fine_tuning}) == 3 * 2 * (
+        2 + 2 * 3
+    )  # 3 settings: 54k shared = 54k own, the same folders
+    shared_3k = [c for c in fine_tuning if c["dir"].parts[-3] == "n3000_ref54000"]
+    assert shared_3k and all(c["init"].parent.name == "reference" and "n54000" in str(c["init"]) for c in shared_3k)
+    saved = json.loads((tmp_path / "contrast.json").read_text())
+    plan = [(r["reference_size"], r["train_size"], r["ft_sched"]) for r in saved["protocols"]]
+    assert plan == [
+        (3000, 3000, "constant"),
+        (3000, 3000, "cosine"),
+        (54000, 54000, "constant"),
+        (54000, 54000, "cosine"),
+        (54000, 3000, "constant"),
+        (54000, 3000, "cosine"),
+    ]  # the shared reference at 54,000 images is the own-reference protocol: not twice
+    md = (tmp_path / "contrast.md").read_text()
+    assert md.count("fine-tuning lr schedule constant") == md.count("fine-tuning lr schedule cosine") == 3
+    assert "| 3000 | shared (54000) | constant | ICL (proposed) |" in md
+    assert "## The schedule itself: cosine - constant" in md and "PARTIAL" not in md
+    assert (tmp_path / "contrast.png").stat().st_size > 10_000
+
+
+def test_settings_errors_and_grids():
+    parse = reproduce_table1.parse_settings
+    assert parse(["--lambdas", "extended"]).lambdas == "0.125,0.1,0.075,0.05,0.025,0.3,1,3"
+    assert parse([]).ft_scheds == ["constant"] and parse(["--shared-reference"]).references == ["shared"]
+    for argv, message in (
+        (["--ft-sched", "linear"], "--ft-sched 'linear': choose from constant, cosine"),
+        (["--reference", "mine"], "--reference 'mine': choose from own, shared"),
+        (["--lambdas", "0.1,x"], "comma-separated numbers"),
+        (["--lambdas", "0,1"], "every lambda must be > 0"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            parse(argv)
