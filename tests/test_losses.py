@@ -8,10 +8,12 @@ import torch
 from timm_icl import (
     ActivationBoundaryLoss,
     IntermediateConstraintLoss,
+    JSDConsistencyLoss,
     MSEConstraintLoss,
     activation_boundary_loss,
     create_constraint,
     icl_loss,
+    jsd_consistency_loss,
     mse_constraint_loss,
 )
 
@@ -102,3 +104,34 @@ def test_clear_errors_on_mismatch():
         icl_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="needs float reference"):
         mse_constraint_loss(torch.zeros(2), torch.zeros(2, dtype=torch.bool))
+
+
+def test_jsd_equals_its_formula_and_timms_jsd_cross_entropy():
+    from timm.loss import JsdCrossEntropy
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(3 * 4, 5) * 3, torch.randint(0, 5, (4,))
+    # by hand: mean over the 3 views of KL(p_view || M), M = mean of the views' softmax, summed over classes,
+    # averaged over the 4 images
+    p = [[[math.exp(v) for v in row] for row in logits[k * 4 : (k + 1) * 4].tolist()] for k in range(3)]
+    p = [[[v / sum(row) for v in row] for row in view] for view in p]
+    total = 0.0
+    for i in range(4):
+        for c in range(5):
+            m = sum(p[k][i][c] for k in range(3)) / 3
+            total += sum(p[k][i][c] * math.log(p[k][i][c] / m) for k in range(3))
+    assert float(jsd_consistency_loss(logits)) == pytest.approx(total / 3 / 4, rel=1e-5)
+    # timm's JsdCrossEntropy = CE(first split) + alpha * JSD on the same logits (no label smoothing)
+    for alpha in (12.0, 0.5):
+        timm_loss = JsdCrossEntropy(num_splits=3, alpha=alpha, smoothing=0.0)(logits, target.repeat(3))
+        ours = torch.nn.functional.cross_entropy(logits[:4], target) + alpha * JSDConsistencyLoss()(logits)
+        assert float(ours) == pytest.approx(float(timm_loss), rel=1e-6)
+    # identical views agree: zero; two views
+    assert float(jsd_consistency_loss(logits[:4].repeat(3, 1))) == pytest.approx(0.0, abs=1e-6)
+    two = JsdCrossEntropy(num_splits=2, alpha=1.0, smoothing=0.0)(logits[:8], target.repeat(2))
+    assert float(two) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits[:4], target) + jsd_consistency_loss(logits[:8], 2)), rel=1e-6
+    )
+    assert isinstance(create_constraint("jsd"), JSDConsistencyLoss) and not JSDConsistencyLoss.needs_reference
+    with pytest.raises(ValueError, match=r"num_splits \* B, classes\] with num_splits >= 2 \(3\), got \(10, 5\)"):
+        jsd_consistency_loss(torch.zeros(10, 5))

@@ -140,3 +140,25 @@ def test_bf16_reference_copy_stays_bf16():
     assert next(task.trainable_module.parameters()).dtype == torch.float32
     bits = task.reference_targets(torch.rand(2, 3, 28, 28))
     assert bits["pre_logits.fc2"].dtype == torch.bool
+
+
+def test_jsd_constraint_is_timms_jsd_cross_entropy_on_distorted_clean_distorted_views():
+    from timm.loss import JsdCrossEntropy
+
+    model = _model()
+    task = ICLTask(model, constraint="jsd", constraint_weight=3.0, seed=2)
+    assert task.reference is None  # the consistency baseline needs no reference network
+    images, target = torch.rand(4, 3, 28, 28), torch.randint(0, 10, (4,))
+    out = task(images, target)
+    sampler = timm_icl.DistortionSampler(seed=2)  # replay the two draws: a distorted view, then another
+    views = []
+    for _ in range(2):
+        kinds, sigmas = sampler.sample(4)
+        views.append(apply_distortions(images, kinds, sigmas, generator=sampler._generator(images.device)))
+    with torch.no_grad():
+        logits = model(task.normalize(torch.cat([views[0], images, views[1]])))
+    expected = JsdCrossEntropy(num_splits=3, alpha=3.0, smoothing=0.0)(logits, target.repeat(3))
+    assert float(out["loss"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(out["task_loss"]) == pytest.approx(float(F.cross_entropy(logits[:4], target)), rel=1e-5)
+    assert torch.allclose(out["output"].detach(), logits[:4], atol=1e-5) and float(out["constraint_loss"]) > 0
+    assert ICLTask(_model(), constraint="jsd").constraint_weight == 12.0  # AugMix's / timm's alpha

@@ -8,6 +8,8 @@ whatever the autocast dtype, because the ICL logits are scaled by alpha = 100.
 - :func:`icl_loss` (the paper): ``BCE-with-logits(alpha * h_dist, 1[h_ref > 0])``.
 - :func:`mse_constraint_loss` (the paper's baseline): ``mean((h_dist - h_ref)^2)``.
 - :func:`activation_boundary_loss` (Heo et al., AAAI 2019): ``u * relu(m - h)^2 + (1 - u) * relu(m + h)^2``.
+- :func:`jsd_consistency_loss` (AugMix, Hendrycks et al. 2020; timm's ``JsdCrossEntropy``): no reference, the
+  Jensen-Shannon divergence between the student's softmax outputs on several views of each image.
 
 The reference may be passed as float pre-activations or, for ICL and AB, directly as the boolean
 firing bits ``h_ref > 0`` (what a reference hook or the target cache stores).
@@ -25,6 +27,8 @@ __all__ = [
     "icl_loss",
     "mse_constraint_loss",
     "activation_boundary_loss",
+    "jsd_consistency_loss",
+    "JSDConsistencyLoss",
     "IntermediateConstraintLoss",
     "MSEConstraintLoss",
     "ActivationBoundaryLoss",
@@ -116,6 +120,28 @@ def activation_boundary_loss(student: Activations, reference: Activations, margi
     return torch.stack(losses).mean()
 
 
+def jsd_consistency_loss(logits: torch.Tensor, num_splits: int = 3) -> torch.Tensor:
+    """Jensen-Shannon consistency of ``num_splits`` views (AugMix; the divergence term of timm's
+    ``JsdCrossEntropy``, whose total is ``CE(first split) + alpha * this``).
+
+    ``mean_views KL(p_view || M)`` with ``M`` the mean of the views' softmax (clamped to [1e-7, 1] before the log, as
+    timm does) and KL summed over classes, averaged over the batch; float32.
+
+    Args:
+        logits: ``[num_splits * B, num_classes]``, the views stacked split by split (image ``i`` of each split is
+            the same image).
+        num_splits: number of views (timm's ``--aug-splits``; AugMix: 3, clean + two augmented).
+    """
+    if logits.ndim != 2 or num_splits < 2 or logits.shape[0] % num_splits or not logits.shape[0]:
+        raise ValueError(
+            f"jsd_consistency_loss needs logits [num_splits * B, classes] with num_splits >= 2 ({num_splits}), got "
+            f"{tuple(logits.shape)}"
+        )
+    probs = F.softmax(logits.to(torch.float32), dim=1).split(logits.shape[0] // num_splits)
+    log_mixture = torch.clamp(torch.stack(probs).mean(dim=0), 1e-7, 1).log()
+    return torch.stack([F.kl_div(log_mixture, p, reduction="batchmean") for p in probs]).mean()
+
+
 class IntermediateConstraintLoss(nn.Module):
     """Module form of :func:`icl_loss`."""
 
@@ -157,20 +183,41 @@ class ActivationBoundaryLoss(nn.Module):
         return f"margin={self.margin}"
 
 
+class JSDConsistencyLoss(nn.Module):
+    """Module form of :func:`jsd_consistency_loss`: a constraint on the student's logits over ``num_views`` views
+    (ICLTask feeds ``[distorted, clean, distorted]``), with no reference network."""
+
+    needs_reference = False
+
+    def __init__(self, num_views: int = 3):
+        super().__init__()
+        if num_views < 2:
+            raise ValueError(f"the JSD constraint needs num_views >= 2, got {num_views}")
+        self.num_views = int(num_views)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return jsd_consistency_loss(logits, self.num_views)
+
+    def extra_repr(self) -> str:
+        return f"num_views={self.num_views}"
+
+
 #: constraint name -> factory; "none" is plain fine-tuning.
 CONSTRAINTS: dict[str, Callable[..., nn.Module] | None] = {
     "icl": IntermediateConstraintLoss,
     "mse": MSEConstraintLoss,
     "ab": ActivationBoundaryLoss,
+    "jsd": JSDConsistencyLoss,
     "none": None,
 }
 
-#: the paper's selected lambda per constraint (AB: not in the paper; chosen like MSE by validation).
-DEFAULT_LAMBDA: dict[str, float] = {"icl": 0.1, "mse": 0.05, "ab": 0.05, "none": 0.0}
+#: the paper's selected lambda per constraint (AB: not in the paper; chosen like MSE by validation; JSD: AugMix's and
+#: timm's ``JsdCrossEntropy`` alpha).
+DEFAULT_LAMBDA: dict[str, float] = {"icl": 0.1, "mse": 0.05, "ab": 0.05, "jsd": 12.0, "none": 0.0}
 
 
 def create_constraint(name: str, **kwargs) -> nn.Module | None:
-    """Build a constraint loss by name (``icl``, ``mse``, ``ab``, ``none``); kwargs go to its constructor
+    """Build a constraint loss by name (``icl``, ``mse``, ``ab``, ``jsd``, ``none``); kwargs go to its constructor
     (``alpha`` for icl, ``margin`` for ab)."""
     if name not in CONSTRAINTS:
         raise ValueError(f"unknown constraint {name!r}; choose one of {', '.join(CONSTRAINTS)}")

@@ -30,7 +30,7 @@ from .capture import capture_preactivations, resolve_layers, run_until_captured
 from .data.preprocess import check_unit_range, normalize, to_unit_float
 from .distortions import DistortionSampler, DistortionSet
 from .layers import default_layers
-from .losses import DEFAULT_LAMBDA, create_constraint
+from .losses import DEFAULT_LAMBDA, JSDConsistencyLoss, create_constraint
 
 __all__ = ["ICLTask"]
 
@@ -42,9 +42,10 @@ class ICLTask(TrainingTask):
 
     Args:
         model: the timm student model (its weights at construction become the frozen reference).
-        constraint: ``"icl"`` (paper), ``"mse"`` (paper's baseline), ``"ab"`` (activation boundary) or
+        constraint: ``"icl"`` (paper), ``"mse"`` (paper's baseline), ``"ab"`` (activation boundary), ``"jsd"``
+            (timm's AugMix consistency: JSD over a distorted, the clean and another distorted view, no reference) or
             ``"none"`` (plain fine-tuning on distorted images).
-        constraint_weight: lambda; default 0.1 for icl, 0.05 for mse and ab, 0 for none.
+        constraint_weight: lambda; default 0.1 for icl, 0.05 for mse and ab, 12 for jsd, 0 for none.
         layers: constrained layers (names, fnmatch patterns, ``name:input``); default the family preset.
         distortions: distortion set or its text; default the paper's ten conditions.
         clean_fraction: probability that a training image is left clean.
@@ -112,7 +113,7 @@ class ICLTask(TrainingTask):
 
         # The reference exists only when a constraint uses it: plain fine-tuning pays nothing.
         ref = None
-        if self.constraint is not None:
+        if self.constraint is not None and getattr(self.constraint, "needs_reference", True):
             ref = reference if reference is not None else copy.deepcopy(unwrap_model(model))
             ref = ref.eval().requires_grad_(False)
             if reference_dtype is not None:
@@ -245,6 +246,8 @@ class ICLTask(TrainingTask):
         """
         self._check_input(input)
         input = to_unit_float(input)
+        if isinstance(self.constraint, JSDConsistencyLoss):
+            return self._forward_views(input, target)
         distorted, _ = self.sampler(input)
         if self.constraint is not None and reference_targets is None:
             reference_targets = self.reference_targets(input)
@@ -261,6 +264,22 @@ class ICLTask(TrainingTask):
         loss = task_loss + self.constraint_weight * constraint_loss
         return {
             "loss": loss,
+            "output": logits,
+            "task_loss": task_loss.detach(),
+            "constraint_loss": constraint_loss.detach(),
+        }
+
+    def _forward_views(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The JSD constraint (timm's AugMix recipe, no reference): views ``[distorted, clean, distorted']`` in one
+        forward; ``CE(first view) + lambda * JSD(views)`` is timm's ``JsdCrossEntropy`` on these logits, with the
+        cross-entropy on a distorted view like every other constraint's (timm puts the clean view first)."""
+        views = [self.sampler(input)[0], input] + [self.sampler(input)[0] for _ in range(self.constraint.num_views - 2)]
+        logits_all = self.trainable_module(self.normalize(torch.cat(views)))
+        logits = logits_all[: input.shape[0]]
+        task_loss = self.criterion(logits, target)
+        constraint_loss = self.constraint(logits_all)
+        return {
+            "loss": task_loss + self.constraint_weight * constraint_loss,
             "output": logits,
             "task_loss": task_loss.detach(),
             "constraint_loss": constraint_loss.detach(),
