@@ -79,7 +79,7 @@ from timm_icl.eval.results import (  # noqa: E402
     unpack_result,
 )
 
-NAMES = {"none": "Fine-tuning", "icl": "ICL (proposed)", "mse": "MSE", "ab": "AB (Heo et al.)"}  # report order
+NAMES = {"none": "Fine-tuning", "icl": "ICL (proposed)", "mse": "MSE", "ab": "AB (Heo et al.)", "jsd": "JSD (AugMix)"}
 SPLIT_SEED = 12345
 SCHEDULES = ("constant", "cosine")  # fine-tuning schedules (timm's --sched); the reference trains with cosine
 LAMBDA_GRIDS = {"paper": "0.125,0.1,0.075,0.05,0.025", "extended": "0.125,0.1,0.075,0.05,0.025,0.3,1,3"}
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="lambda grid for the validation sweep: values (0.025,0.1,1), 'paper' (0.125,0.1,0.075,0.05,0.025) or "
         "'extended' (the paper's plus 0.3,1,3)",
     )
-    parser.add_argument("--constraints", default="icl,mse,ab")
+    parser.add_argument("--constraints", default="icl,mse,ab", help="any of icl, mse, ab, jsd (timm's AugMix JSD)")
+    parser.add_argument("--jsd-lambdas", default="1,3,12", help="the JSD constraint's grid (AugMix / timm: 12)")
     parser.add_argument("--val-size", type=int, default=6000)
     parser.add_argument("--test-size", type=int, default=None, help="first N test images (default: all 10,000)")
     parser.add_argument("--train-sizes", default=None, help="e.g. 3000,12000,54000: the training-set-size sweep")
@@ -319,7 +320,6 @@ def run_protocol(
     every method for ``args.seeds`` seeds, each fine-tuned with the schedule ``sched`` and evaluated on the test
     set. Returns the protocol's record (results unpacked)."""
     constraints = [c for c in args.constraints.split(",") if c]
-    lambdas = [float(v) for v in args.lambdas.split(",")]
     runs = runs / f"n{size}"
     if reference is None:
         reference = train_run(args, data_dir, runs / "reference", size=size, constraint="none")
@@ -336,7 +336,7 @@ def run_protocol(
     selected: dict[str, float] = {"none": 0.0}
     for constraint in constraints:
         sweep[constraint] = {}
-        for lam in lambdas:
+        for lam in [float(v) for v in (args.jsd_lambdas if constraint == "jsd" else args.lambdas).split(",")]:
             run_dir = runs / f"sweep_{constraint}_l{lam:g}"
             model = train_run(
                 args, data_dir, run_dir, size=size, constraint=constraint, lam=lam, init=reference, sched=sched
@@ -424,11 +424,11 @@ def protocol_report(config: dict, record: dict, level: str = "##") -> list[str]:
         "",
     ]
     if record["sweep"]:
-        lams = sorted(next(iter(record["sweep"].values())), key=float)
+        lams = sorted({k for scores in record["sweep"].values() for k in scores}, key=float)  # grids may differ
         lines += ["| constraint | " + " | ".join(lams) + " | selected |", "| --- |" + " ---: |" * (len(lams) + 1)]
         for constraint in in_order(record["sweep"]):
             scores = record["sweep"][constraint]
-            cells = " | ".join(f"{100 * scores[k]:.2f}" for k in lams)
+            cells = " | ".join(f"{100 * scores[k]:.2f}" if k in scores else "-" for k in lams)
             lines.append(f"| {constraint} | {cells} | {record['selected_lambda'][constraint]:g} |")
     lines += [
         "",

@@ -180,7 +180,8 @@ def test_protocol_plan_by_reference_and_schedule(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce_table1, "train_run", fake_train)
     monkeypatch.setattr(reproduce_table1, "prepare_data", lambda args, d: d)
     monkeypatch.setattr(reproduce_table1, "evaluate_run", lambda *a: _fake_result(rng, 0.5))
-    argv = ["--train-sizes", "3000,54000", "--seeds", "3", "--constraints", "icl", "--lambdas", "0.1,3"]
+    argv = ["--train-sizes", "3000,54000", "--seeds", "3", "--constraints", "icl,jsd", "--lambdas", "0.1,3"]
+    argv += ["--jsd-lambdas", "12"]
     argv += ["--ft-sched", "constant,cosine", "--reference", "own,shared", "--name", "contrast", "--out", str(tmp_path)]
     assert reproduce_table1.main(argv) == 0
     references = [c for c in calls if c["init"] is None]
@@ -190,9 +191,8 @@ def test_protocol_plan_by_reference_and_schedule(tmp_path, monkeypatch):
         "runs/fashion_mnist/n54000/reference",
     }
     assert all(c["sched"] == c["dir"].parent.name for c in fine_tuning)  # runs/.../<size>/<sched>/<run>
-    assert len({c["dir"] for c in fine_tuning}) == 3 * 2 * (
-        2 + 2 * 3
-    )  # 3 settings: 54k shared = 54k own, the same folders
+    # 3 settings (54k shared = 54k own: the same folders) x 2 schedules x (3 sweep runs + 3 methods x 3 seeds)
+    assert len({c["dir"] for c in fine_tuning}) == 3 * 2 * (2 + 1 + 3 * 3)
     shared_3k = [c for c in fine_tuning if c["dir"].parts[-3] == "n3000_ref54000"]
     assert shared_3k and all(c["init"].parent.name == "reference" and "n54000" in str(c["init"]) for c in shared_3k)
     saved = json.loads((tmp_path / "contrast.json").read_text())
@@ -209,12 +209,14 @@ def test_protocol_plan_by_reference_and_schedule(tmp_path, monkeypatch):
     assert md.count("fine-tuning lr schedule constant") == md.count("fine-tuning lr schedule cosine") == 3
     assert "| 3000 | shared (54000) | constant | ICL (proposed) |" in md
     assert "## The schedule itself: cosine - constant" in md and "PARTIAL" not in md
+    assert "| jsd | - | - | " in md and "| JSD (AugMix) | 12 |" in md  # JSD swept on its own grid
     assert (tmp_path / "contrast.png").stat().st_size > 10_000
 
 
 def test_settings_errors_and_grids():
     parse = reproduce_table1.parse_settings
     assert parse(["--lambdas", "extended"]).lambdas == "0.125,0.1,0.075,0.05,0.025,0.3,1,3"
+    assert parse(["--lambdas", "0.1"]).jsd_lambdas == "1,3,12"  # JSD's own grid (AugMix's alpha 12)
     assert parse([]).ft_scheds == ["constant"] and parse(["--shared-reference"]).references == ["shared"]
     for argv, message in (
         (["--ft-sched", "linear"], "--ft-sched 'linear': choose from constant, cosine"),
