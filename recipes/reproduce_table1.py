@@ -8,7 +8,7 @@
 Every number comes from the code paths users run: each model is trained by ``recipes/train_icl.py``
 (``train_icl.main([...])``, in this process; its run folder under ``--out``/runs/), and evaluated by
 ``timm-icl eval`` on the exported model (``timm_icl.cli.main([...])``: ``evaluate_robustness``, noise seeded per
-image, per-image correctness kept). Tables, plots, intervals and paired tests come from ``timm_icl.eval.results``.
+image, per-image correctness kept). Tables, plots, intervals and paired tests come from ``timm_icl.eval``.
 
 The protocol (the paper's, scaled down; every choice the paper leaves open is below):
 1. Carve a validation split (6,000 images, fixed seed) out of the 60,000 training images; the remaining 54,000
@@ -67,17 +67,15 @@ import train_icl  # noqa: E402  (the training recipe, imported: one training loo
 import timm_icl  # noqa: E402
 from timm_icl import cli, parse_distortions  # noqa: E402
 from timm_icl.data.fashion_mnist import CLASS_NAMES, fashion_mnist_root, load_fashion_mnist, local_files_available  # noqa: E402
-from timm_icl.eval.results import (  # noqa: E402
-    canonical_json,
+from timm_icl.eval import (  # noqa: E402
     compare_runs,
     format_comparison,
     format_table,
     load_results,
-    pack_result,
     plot_accuracy_vs_sigma,
     summarize,
-    unpack_result,
 )
+from timm_icl.eval.results_io import canonical_json, pack_result, unpack_result  # noqa: E402
 
 NAMES = {"none": "Fine-tuning", "icl": "ICL (proposed)", "mse": "MSE", "ab": "AB (Heo et al.)", "jsd": "JSD (AugMix)"}
 SPLIT_SEED = 12345
@@ -371,7 +369,7 @@ def run_protocol(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# reports (timm_icl.eval.results: tables, paired tests, plots)
+# reports (timm_icl.eval: tables, paired tests, plots)
 # ---------------------------------------------------------------------------------------------------------------------
 def method_name(method: str, record: dict) -> str:
     lam = record["selected_lambda"][method]
@@ -647,7 +645,7 @@ def write_reports(payload: dict, json_path: Path) -> str:
 
 
 def pack_payload(payload: dict) -> dict:
-    """Per-image correctness as packed bits (``timm_icl.eval.results.pack_result``) for the JSON file."""
+    """Per-image correctness as packed bits (``timm_icl.eval.results_io.pack_result``) for the JSON file."""
     records = []
     for r in payload["protocols"]:
         packed = {**r, "runs": {m: [pack_result(x) for x in runs] for m, runs in r["runs"].items()}}

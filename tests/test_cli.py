@@ -14,8 +14,8 @@ from PIL import Image
 
 import timm_icl  # noqa: F401
 from timm_icl.cli import main
+from timm_icl.eval import load_results, save_results
 from timm_icl.eval.evaluate import evaluate_robustness
-from timm_icl.eval.results import load_results, save_results
 from timm_icl.hub import export_model
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -22,14 +22,9 @@ from timm_icl.distortions import (
     unregister_distortion,
 )
 from timm_icl.distortions import corruptions as C
+from timm_icl.eval import format_corruption_table, mean_corruption_error, plot_accuracy_vs_sigma
 from timm_icl.eval.evaluate import distort, evaluate_robustness
-from timm_icl.eval.results import (
-    condition_names,
-    format_corruption_table,
-    mean_corruption_error,
-    plot_accuracy_vs_sigma,
-    sort_conditions,
-)
+from timm_icl.eval.stats import condition_names, sort_conditions
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -373,7 +368,7 @@ def test_cli_corruption_benchmark_with_baseline(tmp_path):
     import sys
     from pathlib import Path
 
-    from timm_icl.eval.results import load_results
+    from timm_icl.eval import load_results
     from timm_icl.hub import export_model
 
     pytest.importorskip("timm_icl.data")

@@ -8,8 +8,8 @@ import torch
 
 import timm_icl  # noqa: F401  (registers vgg_tiny)
 from timm_icl.distortions import Distortion, gaussian_blur, gaussian_noise, parse_distortions
+from timm_icl.eval import format_table, load_results, plot_accuracy_vs_sigma, save_results
 from timm_icl.eval.evaluate import distort, evaluate_robustness, noise_seed
-from timm_icl.eval.results import format_table, load_results, plot_accuracy_vs_sigma, save_results
 
 DISTORTIONS = "noise:30,90 blur:1,2"
 
@@ -203,7 +203,7 @@ def test_two_processes_give_exact_counts(tmp_path):
 def test_statistics_match_references():
     from scipy.stats import binomtest
 
-    from timm_icl.eval.results import format_comparison, mcnemar_test, paired_z_test, wilson_interval
+    from timm_icl.eval import format_comparison, mcnemar_test, paired_z_test, wilson_interval
 
     low, high = wilson_interval(80, 100)
     assert (round(low, 4), round(high, 4)) == (0.7112, 0.8666)  # textbook Wilson interval for 80/100

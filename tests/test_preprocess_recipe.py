@@ -10,7 +10,7 @@ from test_data import make_parquet
 
 import timm_icl  # noqa: F401  (registers vgg_tiny)
 from timm_icl.cli import main as cli_main
-from timm_icl.eval.results import load_results
+from timm_icl.eval import load_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import train_icl  # noqa: E402

@@ -1,6 +1,6 @@
 """The Table-1 reproduction through the shared pipeline: --quick trains with the recipe and evaluates with
 `timm-icl eval`, so its numbers are the ones `timm-icl eval` gives on the saved models; the training-set-size
-report computes its gains with timm_icl.eval.results' paired tests."""
+report computes its gains with timm_icl.eval.stats' paired tests."""
 
 import json
 import math
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from timm_icl import cli
-from timm_icl.eval.results import compare_runs, load_results, summarize, unpack_result
+from timm_icl.eval import compare_runs, load_results, summarize
+from timm_icl.eval.results_io import unpack_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))

@@ -1,4 +1,5 @@
-"""Results: one condition order, one group mean, packed per-image bits, seed-aware tables, tests and plots."""
+"""Evaluation results (timm_icl.eval.stats, tables, plots, results_io): one condition order, one group mean,
+packed per-image bits, seed-aware tables, tests and plots."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from timm_icl.eval import results as R
+from timm_icl.eval import plots, results_io, stats, tables
 from timm_icl.target_cache import pack_bits
 
 
@@ -24,7 +25,7 @@ def _result(clean, noise, blur, per_image=None, count=8):
                 "count": count,
             }
     res = {"conditions": dict(sorted(conds.items())), "num_samples": count}
-    res["summary"] = R.summarize(res["conditions"])
+    res["summary"] = stats.summarize(res["conditions"])
     if per_image is not None:
         res["per_image"] = per_image
     return res
@@ -33,42 +34,45 @@ def _result(clean, noise, blur, per_image=None, count=8):
 def test_condition_order_and_group_means():
     res = _result(0.9, (0.6, 0.5), (0.7, 0.3))
     assert list(res["conditions"])[:2] == ["blur2", "blur4"]  # JSON order
-    assert R.sort_conditions(res["conditions"]) == ["clean", "noise20", "noise40", "blur2", "blur4"]
-    assert R.condition_names(res["conditions"], "blur") == ["blur2", "blur4"]
-    assert R.condition_names(res["conditions"], "noise40") == ["noise40"]
-    assert R.summarize(res["conditions"]) == pytest.approx({"clean": 0.9, "noise": 0.55, "blur": 0.5})
-    assert R.summarize({"clean": res["conditions"]["clean"]}) == {"clean": 0.9, "noise": None, "blur": None}
+    assert stats.sort_conditions(res["conditions"]) == ["clean", "noise20", "noise40", "blur2", "blur4"]
+    assert stats.condition_names(res["conditions"], "blur") == ["blur2", "blur4"]
+    assert stats.condition_names(res["conditions"], "noise40") == ["noise40"]
+    assert stats.summarize(res["conditions"]) == pytest.approx({"clean": 0.9, "noise": 0.55, "blur": 0.5})
+    assert stats.summarize({"clean": res["conditions"]["clean"]}) == {"clean": 0.9, "noise": None, "blur": None}
 
 
 def test_packed_bits_are_target_caches_and_round_trip():
     bits = [1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0]
-    packed = R.pack_correctness(bits)
+    packed = results_io.pack_correctness(bits)
     assert packed == np.packbits(np.array(bits, dtype=np.uint8)).tobytes().hex() == "b1c0"
     assert bytes.fromhex(packed) == pack_bits(torch.tensor([bits])).numpy().tobytes()
-    assert R.unpack_correctness(packed, len(bits)) == bits
-    assert R.unpack_correctness(R.pack_correctness([]), 0) == []
+    assert results_io.unpack_correctness(packed, len(bits)) == bits
+    assert results_io.unpack_correctness(results_io.pack_correctness([]), 0) == []
     with pytest.raises(ValueError, match="16 bits, 17 images"):
-        R.unpack_correctness(packed, 17)
+        results_io.unpack_correctness(packed, 17)
 
 
 def test_save_load_packs_per_image_and_reads_plain_lists(tmp_path):
     rng = np.random.default_rng(0)
     per_image = {n: rng.integers(0, 2, 1001).tolist() for n in ("clean", "noise20", "noise40", "blur2", "blur4")}
     res = _result(0.5, (0.4, 0.3), (0.45, 0.2), per_image, count=1001)
-    path = R.save_results(res, tmp_path / "r.json")
+    path = results_io.save_results(res, tmp_path / "r.json")
     raw = json.loads(path.read_text())
     assert raw["per_image_encoding"] == "packbits-hex" and len(raw["per_image"]["clean"]) == 2 * 126  # 1001 bits
-    assert R.load_results(path) == json.loads(json.dumps(res))
-    assert R.save_results(R.load_results(path), tmp_path / "again.json").read_bytes() == path.read_bytes()
+    assert results_io.load_results(path) == json.loads(json.dumps(res))
+    assert (
+        results_io.save_results(results_io.load_results(path), tmp_path / "again.json").read_bytes()
+        == path.read_bytes()
+    )
     (tmp_path / "plain.json").write_text(json.dumps(res))  # files written before packing hold 0/1 lists
-    assert R.load_results(tmp_path / "plain.json")["per_image"] == per_image
+    assert results_io.load_results(tmp_path / "plain.json")["per_image"] == per_image
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text(json.dumps({"eval": res}))
-    assert R.load_results(tmp_path / "run")["summary"] == res["summary"]
+    assert results_io.load_results(tmp_path / "run")["summary"] == res["summary"]
     with pytest.raises(ValueError, match="not an evaluation result"):
-        R.load_results(tmp_path / "x.json") if (tmp_path / "x.json").write_text("[1]") else None
+        results_io.load_results(tmp_path / "x.json") if (tmp_path / "x.json").write_text("[1]") else None
     with pytest.raises(ValueError, match="no results file"):
-        R.load_results(tmp_path / "missing.json")
+        results_io.load_results(tmp_path / "missing.json")
 
 
 def test_canonical_json_is_stable_and_safe():
@@ -76,19 +80,19 @@ def test_canonical_json_is_stable_and_safe():
 
     a = {"b": (1, 2), "a": {"z": torch.tensor([0.5]), "y": np.float32(0.25)}, "d": parse_distortions("noise:20")}
     b = {"d": parse_distortions("noise:20"), "a": {"y": np.float32(0.25), "z": torch.tensor([0.5])}, "b": [1, 2]}
-    assert R.canonical_json(a) == R.canonical_json(b)
-    assert json.loads(R.canonical_json(a)) == {"a": {"y": 0.25, "z": [0.5]}, "b": [1, 2], "d": "noise:20"}
+    assert results_io.canonical_json(a) == results_io.canonical_json(b)
+    assert json.loads(results_io.canonical_json(a)) == {"a": {"y": 0.25, "z": [0.5]}, "b": [1, 2], "d": "noise:20"}
 
 
 def test_format_table_single_and_seeds():
-    table = R.format_table(
+    table = tables.format_table(
         {"FT": _result(0.6744, (0.6, 0.5), (0.55, 0.45)), "ICL": _result(0.6769, (0.62, 0.5), (0.5, 0.4))}
     )
     lines = table.splitlines()
     assert lines[0] == "| method | clean | noise mean | blur mean | noise20 | noise40 | blur2 | blur4 |"
     assert lines[2] == "| FT | 0.6744 | 0.5500 | 0.5000 | 0.6000 | 0.5000 | 0.5500 | 0.4500 |"
     seeds = [_result(0.70, (0.6, 0.5), (0.5, 0.4)), _result(0.80, (0.6, 0.7), (0.5, 0.4))]
-    row = R.format_table({"ICL": seeds}, digits=2, percent=True).splitlines()[2]
+    row = tables.format_table({"ICL": seeds}, digits=2, percent=True).splitlines()[2]
     # clean: mean 75, sample std 7.07; noise means 55 and 65 -> 60 ± 7.07; per-sigma cells are the mean only
     assert row == "| ICL | 75.00 ± 7.07 | 60.00 ± 7.07 | 45.00 ± 0.00 | 60.00 | 60.00 | 50.00 | 40.00 |"
 
@@ -98,10 +102,10 @@ def test_paired_tests_against_scipy_and_seeds():
 
     a = [1] * 10 + [0] * 3 + [1] * 50 + [0] * 7
     b = [0] * 10 + [1] * 3 + [1] * 50 + [0] * 7
-    assert R.mcnemar_test(a, b)["p_value"] == pytest.approx(binomtest(3, 13, 0.5).pvalue, rel=1e-12)
+    assert stats.mcnemar_test(a, b)["p_value"] == pytest.approx(binomtest(3, 13, 0.5).pvalue, rel=1e-12)
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, 2, (3, 400)), rng.integers(0, 2, (3, 400))
-    test = R.paired_z_test(x.tolist(), y.tolist())
+    test = stats.paired_z_test(x.tolist(), y.tolist())
     diffs = x.mean(0) - y.mean(0)
     half = 1.959963984540054 * diffs.std(ddof=1) / math.sqrt(400)
     assert test["mean_difference"] == pytest.approx(diffs.mean())
@@ -118,19 +122,19 @@ def test_paired_tests_against_scipy_and_seeds():
 
     base = [res(rng.integers(0, 2, (5, 400))) for _ in range(3)]
     better = [res(np.maximum(rng.integers(0, 2, (5, 400)), rng.integers(0, 2, (5, 400)))) for _ in range(3)]
-    text = R.format_comparison({"FT": base, "ICL": better}, baseline="FT")
+    text = tables.format_comparison({"FT": base, "ICL": better}, baseline="FT")
     row = next(line for line in text.splitlines() if line.startswith("| ICL | noise |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    expected = R.paired_z_test(R.group_correctness(better, "noise"), R.group_correctness(base, "noise"))
+    expected = stats.paired_z_test(stats.group_correctness(better, "noise"), stats.group_correctness(base, "noise"))
     assert float(cells[2]) == pytest.approx(expected["mean_difference"], abs=5e-5) and float(cells[2]) > 0.15
     assert cells[5] == "paired z" and cells[8] == "3/3"
     with pytest.raises(ValueError, match="baseline 'x'"):
-        R.format_comparison({"FT": base}, baseline="x")
+        tables.format_comparison({"FT": base}, baseline="x")
 
 
 def test_plot_with_seeds_and_reference(tmp_path):
     seeds = [_result(0.9, (0.8, 0.6), (0.7, 0.5)), _result(0.92, (0.82, 0.62), (0.71, 0.52))]
-    path = R.plot_accuracy_vs_sigma(
+    path = plots.plot_accuracy_vs_sigma(
         {"a": seeds, "b": _result(0.9, (0.85, 0.7), (0.75, 0.6))},
         tmp_path / "p.png",
         reference=_result(0.95, (0.5, 0.2), (0.4, 0.1)),

@@ -44,8 +44,8 @@ from .distortions import (
     register_distortion,
     unregister_distortion,
 )
-from .eval import evaluate_robustness
-from .eval.results import (
+from .eval import (
+    evaluate_robustness,
     format_comparison,
     format_table,
     group_correctness,

@@ -78,8 +78,8 @@ def _create_model(model: str, *, pretrained: bool, num_classes: int | None = Non
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from .eval import format_corruption_table, format_table, load_results, plot_accuracy_vs_sigma, save_results
     from .eval.evaluate import evaluate_robustness
-    from .eval.results import format_corruption_table, format_table, load_results, plot_accuracy_vs_sigma, save_results
 
     try:
         from .data import create_loader
@@ -164,7 +164,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # camera corruptions: one row per corruption (mean top-1 over its severities), CE and mCE with --baseline
         print(format_corruption_table({name: results}, baseline))
         if baseline is not None:
-            from .eval.results import mean_corruption_error
+            from .eval import mean_corruption_error
 
             results["corruption_error"] = mean_corruption_error(results, baseline)
             results["corruption_error"]["baseline"] = baseline.get("name") or str(args.baseline)
@@ -276,7 +276,7 @@ def _cmd_distort(args: argparse.Namespace) -> int:
 # compare
 # ---------------------------------------------------------------------------------------------------------------------
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .eval.results import format_comparison, format_table, load_results, plot_accuracy_vs_sigma
+    from .eval import format_comparison, format_table, load_results, plot_accuracy_vs_sigma
 
     results: dict[str, dict] = {}
     for spec in args.results:

@@ -12,7 +12,7 @@ rank`` and counts are reduced as exact integer sums.
 
 Example:
     >>> results = evaluate_robustness(model, loader, "paper")          # doctest: +SKIP
-    >>> print(timm_icl.eval.results.format_table({"ICL": results}))          # doctest: +SKIP
+    >>> print(timm_icl.eval.format_table({"ICL": results}))          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from ..data.preprocess import check_unit_range, normalize, to_unit_float
 from ..distortions import Distortion, DistortionSet, parse_distortions
-from .results import summarize
+from .stats import summarize
 
 __all__ = [
     "evaluate_robustness",

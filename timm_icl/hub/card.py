@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
-from ..eval.results import format_table
+from ..eval.tables import format_table
 
 __all__ = ["render_model_card", "card_template", "hub_dataset_id", "RESULTS_NAME", "PLOT_NAME"]
 

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..eval.results import canonical_json, json_safe, plot_accuracy_vs_sigma
+from ..eval.plots import plot_accuracy_vs_sigma
+from ..eval.results_io import canonical_json, json_safe
 from .card import PLOT_NAME, RESULTS_NAME, hub_dataset_id, render_model_card
 
 __all__ = ["export_model", "resolve_model_folder", "non_finite_tensors", "non_finite_summary"]
