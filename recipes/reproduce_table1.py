@@ -442,7 +442,7 @@ def protocol_report(config: dict, record: dict, level: str = "##") -> list[str]:
         lines += [f"Training throughput (img/s, median over seeds, this machine): {text}{ratio}.", ""]
     walls = {k: v for k, v in record.get("train_seconds", {}).items() if v is not None}
     if walls:
-        text = "; ".join(f"{k} {v:.0f}" for k, v in walls.items())
+        text = "; ".join(f"{k} {walls[k]:.0f}" for k in sorted(walls))  # sorted: the JSON file sorts its keys
         lines += [f"Training wall time per run (s, this machine, shared CPU): {text}.", ""]
     return lines
 
