@@ -98,6 +98,7 @@ def test_train_size_report_gains_from_paired_tests(tmp_path):
                     "icl": [_fake_result(rng, 0.5 + gain) for _ in range(3)],
                 },
                 "images_per_s": {"none": 100.0, "icl": 80.0},
+                "train_seconds": {"sweep_icl_l0.1": 30.0, "none_s0": 20.0, "icl_s0": 25.0},
             }
         )
     config = {"quick": False, "model": "vgg_tiny", "ref_epochs": 8, "ft_epochs": 3, "batch_size": 64, "ft_lr": 0.01}
@@ -124,6 +125,9 @@ def test_train_size_report_gains_from_paired_tests(tmp_path):
         ]
         assert cells[9] == ", ".join(f"{100 * d:+.2f}" for d in per_seed) + " (3/3)"
     assert "ICL step time / plain: 1.25x" in md
+    assert "Training wall time per run (s, this machine, shared CPU): icl_s0 25; none_s0 20; sweep_icl_l0.1 30." in md
+    # the report written during a run (insertion-ordered dicts) = the one rebuilt from the sorted JSON file
+    assert reproduce_table1.write_reports(payload, tmp_path / "direct.json") == md
     # records written before --ft-sched (no "ft_sched") were fine-tuned with cosine, and every heading says so
     assert "fine-tuning lr schedule cosine" in md and "schedule constant" not in md
 
