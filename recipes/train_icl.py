@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,9 +42,18 @@ from tqdm.auto import tqdm
 
 import timm_icl
 from timm_icl import ICLTask, evaluate_robustness, parse_distortions
-from timm_icl.data import create_loader
+from timm_icl.data import check_dataset_access, check_labels, create_loader
 from timm_icl.data.stream import StreamBatch
+from timm_icl.loading import create_model as create_timm_model
+from timm_icl.loading import load_init_weights
 from timm_icl.train import checkpoint
+from timm_icl.train.batch import plan_batch
+from timm_icl.train.cache_build import build_target_cache, cache_preprocessing
+from timm_icl.train.config import SettingsError, check_values, parse_with_config
+from timm_icl.train.distributed import any_rank, lockstep
+from timm_icl.train.guard import NonFiniteGuard
+from timm_icl.train.run_files import keep_metrics
+from timm_icl.train.signals import StopSignals
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -190,166 +198,37 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep-checkpoints", "--checkpoint-hist", type=int, default=3, help="rotation: newest N kept")
     group.add_argument("--resume", default=None, help="'latest' (of --output-dir) or a checkpoint folder")
     group.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the exported model")
-    group.add_argument("--stop-after-steps", type=int, default=None, help="testing: SIGTERM ourselves at this step")
-    group.add_argument("--log-labels", action="store_true", help="testing: write each rank's labels per epoch")
     group.add_argument("--dry-run", action="store_true", help="print the resolved settings as YAML and exit")
     return parser
 
 
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (default: ``sys.argv[1:]``): the YAML named by ``-c`` first, then the flags over it.
-
-    A user's mistake (unknown key, a value of the wrong type) ends the run with one line.
-    """
-    parser = build_parser()
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("-c", "--config", default=None)
-    config_args, remaining = config_parser.parse_known_args(argv)
-    original, from_config = {a.dest: a.default for a in parser._actions}, set()
-    if config_args.config:
-        defaults = read_config(config_args.config)
-        from_config = set(defaults)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(defaults) - known)
-        if unknown:
-            sys.exit(f"error: {config_args.config} names unknown options {unknown}")
-        for action in parser._actions:  # argparse converts a string default itself, with a usage screen on error
-            value = defaults.get(action.dest)
-            if isinstance(value, str) and action.type in (int, float):
-                try:
-                    action.type(value)
-                except ValueError:
-                    sys.exit(f"error: {action.dest} = {value!r} in {config_args.config} is not a number")
-        parser.set_defaults(**defaults)
-    args = parser.parse_args(remaining)
-    args.config = config_args.config
-    if args.constraint == "none":  # plain fine-tuning: lambda 0, whatever a shared config says
-        args.constraint_weight = 0.0
-    if args.amp and args.mixed_precision in (None, "no"):  # timm's --amp / --amp-dtype spelled accelerate's way
-        args.mixed_precision = {"bfloat16": "bf16", "float16": "fp16"}[args.amp_dtype]
-    if args.opt.lower() not in timm.optim.list_optimizers():
-        sys.exit(f"error: --opt {args.opt!r} is not a timm optimizer; see timm.optim.list_optimizers()")
-    for action in parser._actions:  # config values skip argparse's checks: apply them here
-        value = getattr(args, action.dest, None)
-        if action.choices is not None and value is not None and value not in action.choices:
-            sys.exit(f"error: {action.dest} = {value!r} is not one of {sorted(action.choices)}")
-        if action.type in (int, float) and value is not None and not isinstance(value, int | float):
-            sys.exit(f"error: {action.dest} = {value!r} is not a number")
-        if value is None and action.dest in from_config and original.get(action.dest) is not None:
-            sys.exit(f"error: {action.dest} is null in {args.config}: give a value or drop the key")
-    check_values(args)
+    """Parse ``argv`` (default: ``sys.argv[1:]``): the YAML named by ``-c`` first, then the flags over it
+    (:func:`timm_icl.train.config.parse_with_config`). A user's mistake ends the run with one line."""
+    try:
+        args = parse_with_config(build_parser(), argv)
+        if args.constraint == "none":  # plain fine-tuning: lambda 0, whatever a shared config says
+            args.constraint_weight = 0.0
+        if args.amp and args.mixed_precision in (None, "no"):  # timm's --amp / --amp-dtype spelled accelerate's way
+            args.mixed_precision = {"bfloat16": "bf16", "float16": "fp16"}[args.amp_dtype]
+        if args.opt.lower() not in timm.optim.list_optimizers():
+            raise SettingsError(f"--opt {args.opt!r} is not a timm optimizer; see timm.optim.list_optimizers()")
+        check_values(args)
+    except SettingsError as e:
+        sys.exit(f"error: {e}")
     return args
 
 
-def read_config(path: str) -> dict:
-    """The YAML config's ``{option: value}``; a missing file or broken YAML ends the run with one line."""
-    if not Path(path).is_file():
-        sys.exit(f"error: config file {path} does not exist")
-    try:
-        defaults = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        sys.exit(f"error: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}")
-    if not isinstance(defaults, dict):
-        sys.exit(f"error: {path} must hold 'option: value' lines (a YAML mapping), not a {type(defaults).__name__}")
-    return defaults
-
-
-#: the lowest meaningful value of each numeric option, and whether it is allowed itself (lr 0 trains nothing)
-VALUE_LIMITS = {
-    "lr": (0, False),
-    "alpha": (0, False),
-    "epochs": (1, True),
-    "batch_size": (1, True),
-    "global_batch_size": (1, True),
-    "grad_accum_steps": (1, True),
-    "max_train_samples": (1, True),
-    "train_samples_per_epoch": (1, True),
-    "max_val_samples": (1, True),
-    "image_size": (1, True),
-    "max_steps": (1, True),
-    "log_every": (1, True),
-    "keep_checkpoints": (1, True),
-    "num_workers": (0, True),
-    "checkpoint_every_steps": (0, True),
-    "checkpoint_every_epochs": (0, True),
-    "constraint_weight": (0, True),
-    "margin": (0, True),
-    "clean_fraction": (0, True),
-    "weight_decay": (0, True),
-    "momentum": (0, True),
-    "clip_grad": (0, False),
-    "crop_pct": (0, False),
-    "warmup_epochs": (0, True),
-    "warmup_steps": (0, True),
-    "warmup_lr": (0, True),
-    "min_lr": (0, True),
-    "decay_epochs": (0, False),
-    "decay_rate": (0, False),
-    "smoothing": (0, True),
-    "model_ema_decay": (0, True),
-    "drop": (0, True),
-    "drop_path": (0, True),
-}
-VALUE_MAXIMA = {"crop_pct": 1, "clean_fraction": 1, "smoothing": 1, "model_ema_decay": 1, "drop": 1, "drop_path": 1}
-
-
-def check_values(args: argparse.Namespace) -> None:
-    """Refuse meaningless values (``--lr -0.1``, ``--epochs 0``, ``--alpha 0``, NaN, ...) and an ``--output-dir``
-    that is a file, each with one line."""
-    for dest, (low, inclusive) in VALUE_LIMITS.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        flag = "--" + dest.replace("_", "-")
-        if not math.isfinite(value):
-            sys.exit(f"error: {flag} must be a finite number, got {value}")
-        if value < low or (value == low and not inclusive):
-            sys.exit(f"error: {flag} must be {'>=' if inclusive else '>'} {low}, got {value}")
-        if dest in VALUE_MAXIMA and value > VALUE_MAXIMA[dest]:
-            sys.exit(f"error: {flag} must be <= {VALUE_MAXIMA[dest]}, got {value}")
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        sys.exit(f"error: --output-dir {output_dir} is a file; the run folder must be a folder")
-
-
-def split_global_batch(global_batch: int, world: int, max_per_process: int | None = None) -> tuple[int, int]:
-    """``(micro_batch, accumulation)`` per process such that ``micro_batch * accumulation * world == global_batch``.
-
-    The fewest accumulation steps whose micro-batch fits ``max_per_process`` (None: no limit). A global batch
-    that does not divide over the processes is refused (ValueError naming the nearest multiples): accumulation
-    cannot fix that, and a different effective batch would not be the protocol asked for.
-    """
-    if global_batch < 1 or world < 1:
-        raise ValueError(f"global batch {global_batch} and process count {world} must be >= 1")
-    if global_batch % world:
-        low, high = global_batch // world * world, (global_batch // world + 1) * world
-        sizes = ", ".join(str(n) for n in range(1, global_batch + 1) if global_batch % n == 0 and n <= 64)
-        raise ValueError(
-            f"--global-batch-size {global_batch} does not split over {world} processes: pass "
-            f"{' or '.join(str(n) for n in (low, high) if n)} or run {sizes} processes"
-        )
-    per_process = global_batch // world
-    limit = per_process if max_per_process is None else max(1, max_per_process)
-    accumulation = next(a for a in range(1, per_process + 1) if per_process % a == 0 and per_process // a <= limit)
-    return per_process // accumulation, accumulation
-
-
 def resolve_batch(args: argparse.Namespace, world: int) -> str:
-    """Set ``args.batch_size`` / ``grad_accum_steps`` / ``global_batch_size`` for ``world`` processes; returns the
-    line to log. Without both flags: the paper's global batch of 64."""
-    if args.global_batch_size is None and args.batch_size is not None:  # per-process batch as given
-        args.global_batch_size = args.batch_size * args.grad_accum_steps * world
-        how = "from --batch-size"
-    else:
-        args.global_batch_size = args.global_batch_size or 64
-        args.batch_size, args.grad_accum_steps = split_global_batch(args.global_batch_size, world, args.batch_size)
-        how = "split from --global-batch-size"
-    return (
-        f"global batch {args.global_batch_size} = {world} process(es) x {args.batch_size} images x "
-        f"{args.grad_accum_steps} accumulation step(s) ({how})"
+    """Set ``args.batch_size`` / ``grad_accum_steps`` / ``global_batch_size`` for ``world`` processes (the paper's
+    global batch of 64 unless told otherwise); returns the line to log."""
+    plan = plan_batch(args.global_batch_size, args.batch_size, args.grad_accum_steps, world)
+    args.global_batch_size, args.batch_size, args.grad_accum_steps = (
+        plan.global_batch_size,
+        plan.batch_size,
+        plan.grad_accum_steps,
     )
+    return plan.describe()
 
 
 def or_exit(fn, *fn_args, **fn_kwargs):
@@ -411,56 +290,14 @@ def create_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Path |
     if args.drop_path is not None:
         model_kwargs["drop_path_rate"] = args.drop_path
     if init is not None and init.is_dir():  # a timm folder (config.json + model.safetensors), e.g. a previous RUN/model
-        model = or_exit(timm.create_model, f"local-dir:{init}", pretrained=True, **model_kwargs)
+        model = or_exit(create_timm_model, f"local-dir:{init}", pretrained=True, **model_kwargs)
         model_name = model.pretrained_cfg.get("architecture", args.model)
     else:
-        model = or_exit(timm.create_model, args.model, pretrained=args.pretrained and init is None, **model_kwargs)
+        model = or_exit(create_timm_model, args.model, pretrained=args.pretrained and init is None, **model_kwargs)
         model_name = args.model
         if init is not None:
-            load_init_weights(model, init, new_head=bool(args.num_classes))
+            or_exit(load_init_weights, model, init, new_head=bool(args.num_classes))
     return model, model_name, init
-
-
-def load_init_weights(model: torch.nn.Module, path: Path, *, new_head: bool) -> None:
-    """Load a ``.safetensors`` state dict into ``model``; with ``new_head`` (``--num-classes``) a classifier of
-    another size is left freshly initialised. Any other mismatch ends the run with one line that names it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        sys.exit(
-            f"error: --init-checkpoint {path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
-            "pass a .safetensors state dict or a timm folder (config.json + model.safetensors)"
-        )
-    own = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier") or ""
-    head = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier) if c)
-    mismatched = [k for k in state.keys() & own.keys() if state[k].shape != own[k].shape]
-    if new_head and mismatched and all(k.startswith(head) for k in mismatched):
-        for k in mismatched:
-            del state[k]  # a fresh head for --num-classes; everything else from the checkpoint
-    missing = sorted(own.keys() - state.keys() - ({k for k in own if k.startswith(head)} if new_head else set()))
-    unexpected = sorted(state.keys() - own.keys())
-    mismatched = sorted(k for k in state.keys() & own.keys() if state[k].shape != own[k].shape)
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            k = mismatched[0]
-            shapes = f"checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
-            parts.append(f"{len(mismatched)} shape mismatch(es) (first: {k}: {shapes})")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) (first: {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
-        hint = (
-            "pass --num-classes N for a fresh head of N classes"
-            if mismatched and all(k.startswith(head) for k in mismatched)
-            else f"is it a checkpoint of --model {model.pretrained_cfg.get('architecture', '?')}?"
-        )
-        sys.exit(f"error: --init-checkpoint {path} does not fit the model: {'; '.join(parts)}; {hint}")
-    model.load_state_dict(state, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -480,30 +317,9 @@ HEADLINE_DATASET = "timm/imagenet-1k-wds"  # ImageNet-1k as webdataset shards: s
 
 
 def check_dataset(args: argparse.Namespace) -> None:
-    """Settle ``--streaming`` (on for a Hub id) and, for a Hub dataset, stop at once with one line when it cannot be
-    read: offline, gated without access, unknown, or the Hub unreachable (before any model or data loads)."""
-    spec = args.dataset
-    local = Path(spec).expanduser().exists() or spec.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
-    if args.streaming is None:
-        args.streaming = not local
-    if local:
-        return
-    what = f"log in (`hf auth login`) and accept its terms at https://huggingface.co/datasets/{spec}, or pass --dataset"
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        if args.streaming:  # a stream reads the Hub as it goes: nothing to find in a cache
-            sys.exit(f"error: cannot stream {spec} offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set): {what}")
-        return  # map-style: datasets' cache may hold a copy; it says so itself when not
-    from huggingface_hub import auth_check
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    try:
-        auth_check(spec, repo_type="dataset")
-    except GatedRepoError:
-        sys.exit(f"error: {spec} is gated and this account has no access to it: {what}")
-    except RepositoryNotFoundError:
-        sys.exit(f"error: no dataset {spec!r} on the Hub (or private: log in) and no such folder: pass --dataset")
-    except Exception as e:  # no network: the Hub client's connection errors
-        sys.exit(f"error: cannot reach the Hub for {spec} ({type(e).__name__}): connect and {what}")
+    """Settle ``--streaming`` (on for a Hub id) and stop at once, with one line, when a Hub dataset cannot be read
+    (before any model or data loads: ImageNet by default, offline or gated, would otherwise fail minutes later)."""
+    args.streaming = or_exit(check_dataset_access, args.dataset, args.streaming)
 
 
 def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, world: int) -> Data:
@@ -658,11 +474,12 @@ class Run:
     position: dict = field(default_factory=lambda: {"epoch": 0, "batch_in_epoch": 0, "step": 0})
     resumed: bool = False
     metrics_file: Any = None
-    stop_signal: list = field(default_factory=list)
     ema_results: dict | None = None  # the last validation of the EMA weights (--model-ema)
     metrics_records: int = 0  # lines in metrics.jsonl (saved in checkpoints: a resume drops the ones after)
     guard: NonFiniteGuard | None = None
     target_cache: Any = None  # cached reference targets (--reference-targets cache|PATH); None: live reference
+    signals: StopSignals = field(default_factory=StopSignals)  # preemption / Ctrl-C: checkpoint and stop
+    callbacks: list = field(default_factory=list)  # objects with on_batch/on_step_end/on_epoch_end (tests, tools)
 
     @property
     def is_main(self) -> bool:
@@ -688,10 +505,14 @@ class Run:
 
     def any_rank(self, flag: bool) -> bool:
         """True when ``flag`` is true on any process (a collective: every rank must call it)."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        device = self.accelerator.device
-        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0)
+        return any_rank(self.accelerator, flag)
+
+    def notify(self, event: str, *event_args) -> None:
+        """Call ``event`` (``on_batch``, ``on_step_end``, ``on_epoch_end``) on every callback that has it."""
+        for callback in self.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(self, *event_args)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -699,12 +520,6 @@ class Run:
 # writes 1 bit per constrained unit and image (timm_icl.target_cache), keyed by the stream's sample ids; the
 # reference is then released and each step looks its bits up instead of running it
 # ---------------------------------------------------------------------------------------------------------------------
-def cache_preprocessing(args: argparse.Namespace, data: Data) -> dict:
-    """What the cached bits depend on besides the weights and layers: the crops and which images (ids)."""
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in data.data_config.items()}
-    return {**config, "dataset": args.dataset, "split": args.train_split, "max_samples": args.max_train_samples}
-
-
 def setup_target_cache(run: Run) -> None:
     """Load (or first build) the target cache, verify a batch against the live reference, release the reference."""
     from timm_icl.target_cache import TargetCache
@@ -723,9 +538,18 @@ def setup_target_cache(run: Run) -> None:
             "carries for now: add --streaming"
         )
     path = run.run_dir / "targets.safetensors" if args.reference_targets == "cache" else Path(args.reference_targets)
-    pre = cache_preprocessing(args, run.data)
+    pre = cache_preprocessing(run.data.data_config, args.dataset, args.train_split, args.max_train_samples)
     if not path.exists():
-        build_target_cache(run, path, pre)
+        or_exit(
+            build_target_cache,
+            run.task,
+            _cache_loader(run),
+            path,
+            pre,
+            accelerator=run.accelerator,
+            total=run.data.train_info.get("num_samples"),
+            say=run.say,
+        )
     cache = or_exit(TargetCache.load, path, task=run.task, preprocessing=pre)  # a stale cache: one line
     ids, images = next(iter(_cache_batches(run)))
     rate = or_exit(cache.verify, run.task, ids, images, max_flip_rate=1e-3)
@@ -759,67 +583,6 @@ def _cache_loader(run: Run):
 def _cache_batches(run: Run):
     """``(ids, clean uint8 images)`` batches of :func:`_cache_loader`."""
     return ((batch.ids, batch[0]) for batch in _cache_loader(run))
-
-
-def build_target_cache(run: Run, path: Path, preprocessing: dict, chunk_batches: int = 256) -> None:
-    """Every rank runs the reference over its shards, writing a chunk file every ``chunk_batches`` batches with its
-    stream position: an interrupted build continues after its last chunk (nothing before it decoded again). The
-    main process then merges all chunks into ``path``."""
-    from timm_icl.target_cache import TargetCache, cache_fingerprint
-
-    rank, world = run.accelerator.process_index, run.accelerator.num_processes
-    progress = path.with_name(f"{path.stem}.part{rank}.json")  # chunks written and the position after them
-    loader = _cache_loader(run)
-    fingerprint = or_exit(cache_fingerprint, run.task, preprocessing)
-    chunks, images = 0, 0
-    if progress.exists():
-        saved = json.loads(progress.read_text())
-        if saved["fingerprint"] == fingerprint and saved["world_size"] == world:
-            or_exit(loader.load_state_dict, saved["position"])
-            chunks, images = saved["chunks"], saved["images"]
-            run.say(f"reference targets: continuing after {images * world} images ({chunks} chunk(s) per process)")
-    loader.set_epoch(0)
-    bar = tqdm(total=run.data.train_info.get("num_samples"), initial=images * world, disable=not run.is_main,
-               desc="reference targets", unit="img")  # fmt: skip
-    pending: list = []
-
-    def flush() -> None:
-        nonlocal chunks, images, pending
-        if pending:
-            with torch.no_grad():
-                part = or_exit(TargetCache.build, run.task, pending, preprocessing=preprocessing)
-            part.save(path.with_name(f"{path.stem}.part{rank}.{chunks:06d}{path.suffix}"))
-            chunks, images, pending = chunks + 1, images + len(part), []
-        state = {"fingerprint": fingerprint, "world_size": world, "chunks": chunks, "images": images}
-        progress.write_text(json.dumps({**state, "position": loader.state_dict()}))
-
-    for batch in loader:
-        pending.append((batch.ids, batch[0]))
-        bar.update(len(batch.ids) * world)
-        if len(pending) == chunk_batches:
-            flush()
-    flush()
-    bar.close()
-    run.accelerator.wait_for_everyone()
-    if run.is_main:
-        counts = [json.loads(path.with_name(f"{path.stem}.part{r}.json").read_text())["chunks"] for r in range(world)]
-        files = [
-            path.with_name(f"{path.stem}.part{r}.{c:06d}{path.suffix}") for r in range(world) for c in range(counts[r])
-        ]
-        if not files:
-            sys.exit("error: --reference-targets: the training set yielded no images to cache")
-        parts = [TargetCache.load(f) for f in files]
-        merged = TargetCache(
-            {layer: torch.cat([p.packed[layer] for p in parts]) for layer in parts[0].layers},
-            parts[0].shapes,
-            [i for p in parts for i in p.ids],
-            parts[0].fingerprint,
-        )
-        tmp = merged.save(path.with_name(path.name + ".tmp"))
-        os.replace(tmp, path)
-        for f in files + [path.with_name(f"{path.stem}.part{r}.json") for r in range(world)]:
-            f.unlink()
-    run.accelerator.wait_for_everyone()
 
 
 def stream_state(run: Run) -> dict | None:
@@ -906,78 +669,13 @@ def open_run_folder(run: Run, image_size: int) -> None:
         run.metrics_file = open(metrics, "a" if run.resumed else "w")  # noqa: SIM115
 
 
-def keep_metrics(path: Path, records: int, step: int) -> int:
-    """Cut metrics.jsonl back to the first ``records`` lines (those up to ``step`` when ``records`` is -1); returns
-    the number kept. Written aside and renamed: a kill leaves the old file or the new one."""
-    if not path.exists():
-        return 0
-    lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
-    if records >= 0:
-        kept = lines[:records]
-    else:
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-    return len(kept)
-
-
-def install_signal_handlers(run: Run) -> dict:
-    """Preemption and Ctrl-C: SIGTERM / SIGUSR1 / SIGINT only set a flag; the loop checkpoints at the next optimizer
-    step and exits. A second Ctrl-C aborts at once (exit 130; the checkpoints on disk are complete ones)."""
-    main_pid = os.getpid()
-
-    def on_signal(signum, frame) -> None:
-        if os.getpid() != main_pid:  # a forked DataLoader worker: the main process handles it
-            return
-        if signum == signal.SIGINT and signal.SIGINT in run.stop_signal:
-            os.write(2, b"\nsecond Ctrl-C: aborted at once, no checkpoint written\n")
-            os._exit(130)
-        if signum == signal.SIGINT and run.is_main:
-            os.write(2, b"\nCtrl-C: checkpointing after this step (press Ctrl-C again to abort at once)\n")
-        run.stop_signal.append(signum)
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    for sig in previous:
-        signal.signal(sig, on_signal)
-    return previous  # main() puts them back: an in-process caller (a test, a notebook) keeps its own Ctrl-C
-
-
-class NonFiniteGuard:
-    """Remembers, on the device, the first optimizer step whose loss parts (or gradient norm) were not finite.
-
-    Nothing is read back per step (no host sync): :func:`stop_if_diverged` looks at it at log lines, before every
-    checkpoint, validation and export. ``first`` = ``[step, loss, task_loss, constraint_loss, grad_norm]``.
-    """
-
-    def __init__(self, device: torch.device, step: int):
-        self.step = torch.tensor(float(step), device=device)  # optimizer steps done
-        self.seen = torch.zeros((), dtype=torch.bool, device=device)
-        self.first = torch.full((5,), float("nan"), device=device)
-
-    def observe(self, parts: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
-        """``parts``: ``[loss, task_loss, constraint_loss]`` of a micro-batch; ``grad_norm``: the step's total norm."""
-        norm = grad_norm.detach().float().reshape(1) if grad_norm is not None else parts.new_full((1,), math.nan)
-        values = torch.cat([(self.step + 1).reshape(1), parts.float(), norm])
-        bad = ~torch.isfinite(parts).all()
-        if grad_norm is not None:
-            bad = bad | ~torch.isfinite(norm).all()
-        self.first = torch.where(bad & ~self.seen, values, self.first)
-        self.seen = self.seen | bad
-
-    def end_step(self) -> None:
-        self.step += 1
-
-
 def stop_if_diverged(run: Run) -> None:
     """End the run with one line when any rank saw a non-finite loss or gradient norm: no checkpoint, validation,
     export or push of diverged weights; the checkpoints on disk are the last good ones. A collective."""
-    guard = run.guard
-    if guard is None or not run.any_rank(bool(guard.seen)):
+    first = run.guard.first_bad(run.accelerator) if run.guard is not None else None
+    if first is None:
         return
-    first = run.accelerator.gather(guard.first.reshape(1, 5))  # [processes, 5]
-    first = first[~torch.isnan(first[:, 0])]
-    step, loss, task_loss, constraint_loss, norm = first[first[:, 0].argmin()].tolist()
+    step, loss, task_loss, constraint_loss, norm = first
     parts = f"loss {loss:.4g}, task_loss {task_loss:.4g}, constraint_loss {constraint_loss:.4g}"
     if run.args.clip_grad:
         parts += f", grad norm {norm:.4g}"
@@ -1027,24 +725,6 @@ def validate(run: Run, epoch: int) -> dict | None:
     return results
 
 
-def lockstep(run: Run, loader):
-    """Yield ``(batch, weight, is_last)`` until every rank is out of data. Ranks can hold one batch less than
-    others (exactly-once sharding); such a rank replays its last batch with weight 0 so DDP's collectives match."""
-    iterator, last = iter(loader), None
-
-    def pull():
-        batch = next(iterator, None)
-        return batch, run.any_rank(batch is not None)
-
-    batch, alive = pull()
-    while alive:
-        following, alive_next = pull()
-        weight = 1.0 if batch is not None else 0.0
-        last = batch if batch is not None else last if last is not None else stand_in_batch(run)
-        yield last, weight, not alive_next
-        batch, alive = following, alive_next
-
-
 def stand_in_batch(run: Run) -> StreamBatch:
     """A one-image black batch to replay with weight 0 when a rank has no batch of its own this epoch (a stream
     resumed after this rank's last shard while others go on); its id is one the target cache holds."""
@@ -1054,36 +734,18 @@ def stand_in_batch(run: Run) -> StreamBatch:
     return StreamBatch(images, torch.zeros(size, dtype=torch.long), torch.full((size,), image_id))
 
 
-def check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """A label outside the head (a stream whose classes were not all known at start, an unlabelled split with -1)
-    ends the run with one line. ``labels`` is the CPU batch: the check costs no device sync."""
-    if labels.numel() == 0:
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0:
-        sys.exit(f"error: the training data has label {low}: an unlabelled split? (ImageNet's test split has none)")
-    if high >= num_classes:
-        sys.exit(
-            f"error: the training data has label {high} but the model predicts {num_classes} classes: "
-            f"pass --num-classes {high + 1} (or more)"
-        )
-
-
 def train(run: Run) -> tuple[dict | None, bool]:
     """The loop, from ``run.position`` to the end. Returns ``(last validation results, stopped_by_signal)``."""
     args, accelerator, task, student = run.args, run.accelerator, run.task, run.student
     optimizer, scheduler, steps_per_epoch = run.opt.optimizer, run.opt.scheduler, run.opt.steps_per_epoch
     train_loader, position, device = run.data.train_loader, run.position, accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     num_classes = task.get_eval_model().num_classes
     run.guard = NonFiniteGuard(device, position["step"])
     check_norm = bool(args.clip_grad) and accelerator.scaler is None  # fp16's scaler skips inf steps by design
     task.train()
     results = None
     stopped = False
-    labels_file = None
-    if args.log_labels:
-        labels_file = open(run.run_dir / f"labels_rank{rank}.jsonl", "a" if run.resumed else "w")  # noqa: SIM115
     for epoch in range(position["epoch"], args.epochs):
         if args.max_steps is not None and position["step"] >= args.max_steps:
             break
@@ -1104,26 +766,25 @@ def train(run: Run) -> tuple[dict | None, bool]:
             unit="img",
             unit_scale=True,
         )
-        seen_labels: list[int] = []
         tic, images_done = time.perf_counter(), 0
         # loss parts summed on the device over the logging window (no host sync per step): [loss, ce, constraint, n]
         window = torch.zeros(4, device=device)
         micro = 0
-        batches = lockstep(run, train_loader)
+        batches = lockstep(train_loader, accelerator, lambda: stand_in_batch(run))
         if skip and train_loader.batch_sampler is None and not positioned:
             for _ in zip(range(skip), batches, strict=False):
                 pass
         for batch, weight, is_last in batches:
             images, labels = batch
-            check_labels(labels, num_classes)
+            or_exit(check_labels, labels, num_classes)
             cached = None if run.target_cache is None else run.target_cache.lookup(batch.ids, device=device)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if weight > 0:
-                seen_labels += labels.tolist() if args.log_labels else []
                 images_done += len(labels)
+            run.notify("on_batch", batch, weight)
             micro += 1
             sync = micro == args.grad_accum_steps or is_last
             # no_sync: skip DDP's all-reduce on micro-batches that do not end an optimizer step
@@ -1164,9 +825,8 @@ def train(run: Run) -> tuple[dict | None, bool]:
                 record.update(skipped=train_loader.num_skipped)
                 run.log(record)
 
-            if args.stop_after_steps is not None and position["step"] == args.stop_after_steps:
-                os.kill(os.getpid(), signal.SIGTERM)  # the same path as a cluster's preemption signal
-            if run.any_rank(bool(run.stop_signal)):
+            run.notify("on_step_end")
+            if run.any_rank(bool(run.signals.received)):
                 path = save_checkpoint(run)
                 run.say(f"stopped by signal at step {position['step']}: checkpoint {path}; rerun with --resume latest")
                 stopped = True
@@ -1178,9 +838,7 @@ def train(run: Run) -> tuple[dict | None, bool]:
         bar.close()
         if stopped:
             break
-        if labels_file is not None:
-            labels_file.write(json.dumps({"epoch": epoch, "labels": seen_labels}) + "\n")
-            labels_file.flush()
+        run.notify("on_epoch_end", epoch)
         skipped = int(accelerator.reduce(torch.tensor([train_loader.num_skipped], device=device), "sum").item())
         if skipped:
             run.say(f"epoch {epoch}: {skipped} undecodable training image(s) skipped so far (see the warnings)")
@@ -1189,8 +847,6 @@ def train(run: Run) -> tuple[dict | None, bool]:
         results = validate(run, epoch)
         if args.checkpoint_every_epochs and (epoch + 1) % args.checkpoint_every_epochs == 0:
             save_checkpoint(run)
-    if labels_file is not None:
-        labels_file.close()
     return results, stopped
 
 
@@ -1260,7 +916,9 @@ def export(run: Run, results: dict | None) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # main: the steps above in order
 # ---------------------------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
+    """Run the whole job; returns the exit code (0 finished, 130 stopped by Ctrl-C). ``callbacks``: objects with any
+    of ``on_batch(run, batch, weight)``, ``on_step_end(run)``, ``on_epoch_end(run, epoch)`` (tests, tools)."""
     args = parse_settings(argv)
     if args.dry_run:
         print(yaml.safe_dump(vars(args), sort_keys=False), end="")
@@ -1290,10 +948,11 @@ def main(argv: list[str] | None = None) -> int:
     task.trainable_module = student  # the task calls it; hooks go on the unwrapped module (task.get_eval_model())
 
     run = Run(args, accelerator, model_name, init, data, task, student, opt, Path(args.output_dir))
+    run.callbacks = list(callbacks or [])
     resume(run)
     open_run_folder(run, data.image_size)
     setup_target_cache(run)
-    previous_handlers = install_signal_handlers(run)
+    run.signals = StopSignals(announce=run.is_main).install()
     num_params = sum(p.numel() for p in task.trainable_module.parameters() if p.requires_grad)
     say(
         f"{model_name}: {num_params / 1e6:.2f}M params, constraint {args.constraint} "
@@ -1307,10 +966,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if run.metrics_file is not None:
             run.metrics_file.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        run.signals.restore()
     accelerator.end_training()
-    return 130 if stopped and signal.SIGINT in run.stop_signal else 0  # Ctrl-C: the shell's convention
+    return 130 if stopped and run.signals.interrupted else 0  # Ctrl-C: the shell's convention
 
 
 if __name__ == "__main__":

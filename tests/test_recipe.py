@@ -17,6 +17,15 @@ from test_data import make_parquet
 import timm_icl  # noqa: F401  (registers vgg_tiny)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "train_icl.py"
+HOOKED = Path(__file__).resolve().parent / "recipe_with_hooks.py"  # the recipe + testing switches as callbacks
+TEST_SWITCHES = {"--stop-after-steps", "--log-labels"}
+
+
+def script_for(args) -> Path:
+    """The recipe itself, or the recipe with its testing callbacks when ``args`` use a testing switch."""
+    return HOOKED if TEST_SWITCHES & set(args) else SCRIPT
+
+
 COMMON = [
     "--model", "vgg_tiny", "--no-pretrained", "--val-split", "train", "--batch-size", "4", "--lr", "0.05",
     "--distortions", "noise:30,90 blur:1,2", "--num-workers", "0", "--log-every", "1",
@@ -29,14 +38,14 @@ def env() -> dict:
 
 def run(*args: str, world: int = 1, timeout: int = 120) -> subprocess.CompletedProcess:
     if world == 1:
-        cmd = [sys.executable, str(SCRIPT)]
+        cmd = [sys.executable, str(script_for(args))]
     else:
         with socket.socket() as s:  # a free port: parallel runs must not collide on 29500
             s.bind(("127.0.0.1", 0))
             port = str(s.getsockname()[1])
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world)]
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        cmd += ["--main_process_port", port, str(SCRIPT)]
+        cmd += ["--main_process_port", port, str(script_for(args))]
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env(), timeout=timeout)
     # the launcher's own traceback hides the worker's: show the lines that name an error first
     errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line and "errors.html" not in line)

@@ -142,14 +142,16 @@ def test_init_checkpoint_with_another_head_says_what_to_do(tmp_path):
     assert "not a readable safetensors file" in str(e.value)
 
 
-def test_labels_outside_the_head_end_the_run_with_one_line():
-    train_icl.check_labels(torch.tensor([0, 3, 9]), 10)  # fine
-    train_icl.check_labels(torch.tensor([], dtype=torch.long), 10)
-    with pytest.raises(SystemExit) as e:
-        train_icl.check_labels(torch.tensor([0, 12]), 10)
+def test_labels_outside_the_head_are_refused_with_one_line():
+    from timm_icl.data import check_labels
+
+    check_labels(torch.tensor([0, 3, 9]), 10)  # fine
+    check_labels(torch.tensor([], dtype=torch.long), 10)
+    with pytest.raises(ValueError) as e:
+        check_labels(torch.tensor([0, 12]), 10)
     assert "label 12" in str(e.value) and "--num-classes 13" in str(e.value)
-    with pytest.raises(SystemExit) as e:
-        train_icl.check_labels(torch.tensor([-1, 2]), 10)
+    with pytest.raises(ValueError) as e:
+        check_labels(torch.tensor([-1, 2]), 10)
     assert "unlabelled split" in str(e.value)
 
 

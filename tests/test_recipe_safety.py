@@ -18,7 +18,7 @@ import torch
 from hub_server import HubServer
 from safetensors.torch import load_file
 from test_data import make_parquet
-from test_recipe import COMMON, SCRIPT, env
+from test_recipe import COMMON, SCRIPT, env, script_for
 
 import timm_icl  # noqa: F401  (registers vgg_tiny)
 from timm_icl.hub import export_model
@@ -27,6 +27,8 @@ from timm_icl.train.checkpoint import MARKER, find_resumable, list_checkpoints, 
 sys.path.insert(0, str(SCRIPT.parent))
 import train_icl  # noqa: E402
 
+from timm_icl.train.guard import NonFiniteGuard  # noqa: E402
+
 TOKEN = "hf_fAkEtOkEn0123456789"
 
 
@@ -34,7 +36,7 @@ def launch(*args: str, extra_env: dict | None = None, timeout: int = 180) -> sub
     """The recipe in a fresh process; the caller checks the exit code."""
     proc_env = dict(env(), **(extra_env or {}))
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=proc_env, timeout=timeout
+        [sys.executable, str(script_for(args)), *args], capture_output=True, text=True, env=proc_env, timeout=timeout
     )
 
 
@@ -204,13 +206,11 @@ def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(dataset, tmp_path):
 
 
 _SECOND_CTRL_C = """
-import os, signal, sys, time, types
-sys.path.insert(0, sys.argv[1])
-import train_icl
-run = types.SimpleNamespace(stop_signal=[], is_main=True)
-train_icl.install_signal_handlers(run)
+import os, signal, sys, time
+from timm_icl.train.signals import StopSignals
+signals = StopSignals().install()
 signal.raise_signal(signal.SIGINT)
-print("first:", run.stop_signal, flush=True)
+print("first:", signals.received, flush=True)
 signal.raise_signal(signal.SIGINT)
 time.sleep(5)
 print("not reached", flush=True)
@@ -218,9 +218,7 @@ print("not reached", flush=True)
 
 
 def test_a_second_ctrl_c_aborts_at_once():
-    proc = subprocess.run(
-        [sys.executable, "-c", _SECOND_CTRL_C, str(SCRIPT.parent)], capture_output=True, text=True, env=env()
-    )
+    proc = subprocess.run([sys.executable, "-c", _SECOND_CTRL_C], capture_output=True, text=True, env=env())
     assert proc.returncode == 130
     assert f"first: [{int(signal.SIGINT)}]" in proc.stdout and "not reached" not in proc.stdout
     assert "second Ctrl-C: aborted at once, no checkpoint written" in proc.stderr
@@ -350,14 +348,17 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(dataset, tmp_path):
 # the guard itself
 # ---------------------------------------------------------------------------------------------------------------------
 def test_the_guard_keeps_the_first_non_finite_step_and_its_parts():
-    guard = train_icl.NonFiniteGuard(torch.device("cpu"), step=10)
+    guard = NonFiniteGuard(torch.device("cpu"), step=10)
     for parts, norm in [([1.0, 0.9, 1.1], 2.0), ([float("nan"), 0.8, float("inf")], 3.0), ([float("nan")] * 3, 1.0)]:
         guard.observe(torch.tensor(parts), torch.tensor(norm))
         guard.end_step()
     assert bool(guard.seen) and guard.step.item() == 13
     step, loss, task_loss, constraint_loss, norm = guard.first.tolist()
     assert step == 12 and task_loss == pytest.approx(0.8) and constraint_loss == float("inf") and norm == 3.0
-    clean = train_icl.NonFiniteGuard(torch.device("cpu"), step=0)
+    # what the recipe reads at boundaries
+    torch.testing.assert_close(torch.tensor(guard.first_bad(accelerator=None)), guard.first, equal_nan=True)
+    clean = NonFiniteGuard(torch.device("cpu"), step=0)
+    assert clean.first_bad(accelerator=None) is None
     clean.observe(torch.tensor([1.0, 1.0, 0.0]), torch.tensor(float("inf")))  # an infinite gradient norm alone
     assert bool(clean.seen) and clean.first[4].item() == float("inf")
 
@@ -365,7 +366,7 @@ def test_the_guard_keeps_the_first_non_finite_step_and_its_parts():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_guard_does_not_synchronise_the_device():
-    guard = train_icl.NonFiniteGuard(torch.device("cuda"), step=0)
+    guard = NonFiniteGuard(torch.device("cuda"), step=0)
     parts, norm = torch.tensor([1.0, 2.0, float("nan")], device="cuda"), torch.tensor(1.0, device="cuda")
     torch.cuda.set_sync_debug_mode("error")  # any host sync inside raises
     try:

@@ -147,7 +147,7 @@ def _recipe_cmd(world: int) -> list[str]:
     import socket
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "recipes" / "train_icl.py"
+    script = Path(__file__).resolve().parent / "recipe_with_hooks.py"  # the recipe + --log-labels/--stop-after-steps
     if world == 1:
         return [sys.executable, str(script)]
     with socket.socket() as s:

@@ -17,9 +17,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-__all__ = ["main", "build_parser", "resolve_model_spec"]
+__all__ = ["main", "build_parser"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,45 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
-
-
-def resolve_model_spec(model: str) -> tuple[str, bool]:
-    """``(timm model name, pretrained)`` for a user's MODEL: a run folder or exported folder -> ``local-dir:``."""
-    if model.startswith(("hf-hub:", "local-dir:", "hf_hub:")):
-        return model, True
-    path = Path(model)
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{model} is a file; MODEL must be a timm name, hf-hub:..., local-dir:... or a folder")
-        from .hub import resolve_model_folder
-
-        return f"local-dir:{resolve_model_folder(path)}", True
-    if "/" in model or os.sep in model:
-        raise ValueError(f"no such folder {model!r}; for a Hub model write hf-hub:{model}")
-    return model, True
-
-
-def _create_model(model: str, *, pretrained: bool, num_classes: int | None = None):
-    import timm
-    from safetensors import SafetensorError
-
-    import timm_icl  # noqa: F401  (registers vgg_tiny / vgg_small)
-
-    name, from_weights = resolve_model_spec(model)
-    kwargs: dict[str, Any] = {}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    base = name.split(":", 1)[-1] if not name.startswith(("hf-hub:", "local-dir:", "hf_hub:")) else None
-    if base is not None and not timm.is_model(base.split(".")[0]):
-        raise ValueError(f"unknown timm model {model!r}; see timm.list_models('*{base.split('.')[0][:8]}*')")
-    try:
-        return timm.create_model(name, pretrained=pretrained and from_weights, **kwargs)
-    except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # hub errors (offline, 404, gated): OSError
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if isinstance(e, SafetensorError):  # a truncated or damaged weights file: name it
-            where = Path(name.split(":", 1)[1]) / "model.safetensors" if name.startswith("local-dir:") else name
-            raise ValueError(f"cannot load model {model!r}: {where} is damaged or truncated ({first})") from None
-        raise ValueError(f"cannot load model {model!r} ({type(e).__name__}: {first})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -90,7 +50,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     distortions = parse_distortions(args.distortions)  # fail on a typo before loading model and data
     baseline = load_results(args.baseline) if args.baseline else None  # and on a missing baseline file
-    model = _create_model(args.model, pretrained=not args.no_pretrained, num_classes=args.num_classes)
+    from .loading import create_model
+
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = create_model(args.model, pretrained=not args.no_pretrained, **kwargs)
     # the model's own eval view (an exported model: what its training used, from config.json), overridable
     data_config = resolve_preprocessing(
         model, image_size=args.image_size, crop_pct=args.crop_pct, interpolation=args.interpolation
@@ -195,8 +158,9 @@ def _display_name(model: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 def _cmd_layers(args: argparse.Namespace) -> int:
     from .layers import candidate_layers
+    from .loading import create_model
 
-    model = _create_model(args.model, pretrained=args.pretrained)
+    model = create_model(args.model, pretrained=args.pretrained)
     input_size = tuple(args.input_size) if args.input_size else None
     rows = candidate_layers(model, input_size=input_size)
     if args.json:

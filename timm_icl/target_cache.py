@@ -212,6 +212,19 @@ class TargetCache:
         return cls(packed, shapes, all_ids, fingerprint)
 
     # -- lookup -----------------------------------------------------------------------------------------
+    @classmethod
+    def concatenate(cls, parts: Sequence[TargetCache]) -> TargetCache:
+        """One cache of the rows of ``parts`` in order (parts built by several processes or in chunks); all must
+        share layers, shapes and fingerprint."""
+        if not parts:
+            raise ValueError("no target-cache parts to concatenate")
+        first = parts[0]
+        for part in parts[1:]:
+            if part.shapes != first.shapes or part.fingerprint != first.fingerprint:
+                raise StaleCacheError("target-cache parts were built with different layers or weights")
+        packed = {layer: torch.cat([p.packed[layer] for p in parts]) for layer in first.layers}
+        return cls(packed, first.shapes, [i for p in parts for i in p.ids], first.fingerprint)
+
     def lookup(self, ids: Sequence[int | str] | torch.Tensor, device: torch.device | str | None = None) -> dict:
         """Targets for a batch: ``{layer: bool [B, *shape]}`` on ``device``, ready for
         ``task(images, labels, reference_targets=...)``. Unpacking happens on the device (1/8 of the copy)."""

@@ -3,8 +3,8 @@
 resumable sharded streams (:mod:`.stream`) and the Fashion-MNIST files from Debian's package
 (:mod:`.fashion_mnist`)."""
 
-from .datasets import FashionMNISTDataset, create_dataset, decode_image
-from .loader import ImageLoader, ShardedBatchSampler, create_loader
+from .datasets import FashionMNISTDataset, check_dataset_access, create_dataset, decode_image
+from .loader import ImageLoader, ShardedBatchSampler, check_labels, create_loader
 from .preprocess import (
     ImageTransform,
     UnusableImageError,
@@ -20,7 +20,9 @@ from .stream import ShardedStream, ShardedStreamLoader, StreamBatch
 __all__ = [
     "FashionMNISTDataset",
     "create_dataset",
+    "check_dataset_access",
     "create_loader",
+    "check_labels",
     "ImageLoader",
     "ShardedBatchSampler",
     "decode_image",

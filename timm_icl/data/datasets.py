@@ -344,3 +344,33 @@ class _MapAsStream(IterableDataset):
         wid, nw = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         for i in range(self.rank, self.num_samples, self.world_size)[wid::nw]:
             yield self.dataset[i]
+
+
+def check_dataset_access(spec: str, streaming: bool | None = None) -> bool:
+    """Whether to stream ``spec`` (default: on for a Hub id, off for local data); for a Hub dataset, a ValueError
+    line when it cannot be read: offline, gated without access, unknown, or the Hub unreachable. Cheap (one Hub
+    request): call it before loading any model or data."""
+    local = Path(spec).expanduser().exists() or spec.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
+    if streaming is None:
+        streaming = not local
+    if local:
+        return streaming
+    what = f"log in (`hf auth login`) and accept its terms at https://huggingface.co/datasets/{spec}, or pass --dataset"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        if streaming:  # a stream reads the Hub as it goes: nothing to find in a cache
+            raise ValueError(f"cannot stream {spec} offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set): {what}")
+        return streaming  # map-style: datasets' cache may hold a copy; it says so itself when not
+    from huggingface_hub import auth_check
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        auth_check(spec, repo_type="dataset")
+    except GatedRepoError:
+        raise ValueError(f"{spec} is gated and this account has no access to it: {what}") from None
+    except RepositoryNotFoundError:
+        raise ValueError(
+            f"no dataset {spec!r} on the Hub (or private: log in) and no such folder: pass --dataset"
+        ) from None
+    except Exception as e:  # no network: the Hub client's connection errors
+        raise ValueError(f"cannot reach the Hub for {spec} ({type(e).__name__}): connect and {what}") from None
+    return streaming

@@ -247,3 +247,18 @@ def create_loader(
         wrapped = ImageLoader(loader, sampler, len(range(rank, sampler.num_samples, world_size)))
     info.update(rank=rank, world_size=world_size)
     return wrapped, info
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse a label outside the head (a stream whose classes were not all known at start, an unlabelled split
+    with -1) with one ValueError line. Pass the CPU batch: on the device the check would cost a sync."""
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise ValueError(f"the data has label {low}: an unlabelled split? (ImageNet's test split has none)")
+    if high >= num_classes:
+        raise ValueError(
+            f"the data has label {high} but the model predicts {num_classes} classes: "
+            f"pass --num-classes {high + 1} (or more)"
+        )

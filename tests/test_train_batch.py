@@ -1,13 +1,8 @@
-"""The recipe's global batch: per-process batch and accumulation derived from the process count."""
-
-import argparse
-import sys
-from pathlib import Path
+"""timm_icl.train.batch: the global batch, per-process batch and accumulation derived from the process count."""
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import train_icl  # noqa: E402
+from timm_icl.train.batch import plan_batch, split_global_batch
 
 
 @pytest.mark.parametrize(
@@ -15,25 +10,24 @@ import train_icl  # noqa: E402
     [(1, None, (64, 1)), (2, None, (32, 1)), (8, None, (8, 1)), (1, 16, (16, 4)), (2, 10, (8, 4)), (1, 1, (1, 64))],
 )
 def test_the_paper_batch_splits_over_1_2_and_8_processes(world, max_per_process, expected):
-    per_process, accumulation = train_icl.split_global_batch(64, world, max_per_process)
+    per_process, accumulation = split_global_batch(64, world, max_per_process)
     assert (per_process, accumulation) == expected
     assert per_process * accumulation * world == 64
 
 
 def test_three_processes_cannot_make_64_and_say_what_would():
     with pytest.raises(ValueError) as e:
-        train_icl.split_global_batch(64, 3)
+        split_global_batch(64, 3)
     assert str(e.value) == (
         "--global-batch-size 64 does not split over 3 processes: pass 63 or 66 or run 1, 2, 4, 8, 16, 32, 64 processes"
     )
-    assert train_icl.split_global_batch(66, 3) == (22, 1)
+    assert split_global_batch(66, 3) == (22, 1)
 
 
-def resolved(world, **flags):
-    args = argparse.Namespace(global_batch_size=None, batch_size=None, grad_accum_steps=1)
-    vars(args).update(flags)
-    line = train_icl.resolve_batch(args, world)
-    return (args.global_batch_size, args.batch_size, args.grad_accum_steps), line
+def resolved(world, global_batch_size=None, batch_size=None, grad_accum_steps=1):
+    plan = plan_batch(global_batch_size, batch_size, grad_accum_steps, world)
+    assert plan.global_batch_size == world * plan.batch_size * plan.grad_accum_steps
+    return (plan.global_batch_size, plan.batch_size, plan.grad_accum_steps), plan.describe()
 
 
 def test_resolve_batch_defaults_to_the_paper_and_keeps_a_per_process_batch():

@@ -1,0 +1,131 @@
+"""Training settings: a flat YAML config gives the defaults, command-line flags override it (timm's train.py
+two-stage parse), and every value is checked before anything is written.
+
+Errors are :class:`SettingsError` with one line that says what was wrong; the recipe prints it as ``error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["SettingsError", "read_config", "parse_with_config", "check_values", "VALUE_LIMITS", "VALUE_MAXIMA"]
+
+
+class SettingsError(ValueError):
+    """A user's setting is wrong (unknown key, wrong type, out of range); the message is one line."""
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The YAML config's ``{option: value}``; a missing file or broken YAML is a :class:`SettingsError`."""
+    if not Path(path).is_file():
+        raise SettingsError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise SettingsError(
+            f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}"
+        ) from None
+    if not isinstance(values, dict):
+        raise SettingsError(f"{path} must hold 'option: value' lines (a YAML mapping), not a {type(values).__name__}")
+    return values
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with ``parser``: the YAML named by ``-c/--config`` first (its keys are the options' ``dest``
+    names), then the flags over it. Config values skip argparse's own checks, so they are checked here: unknown keys,
+    numbers, choices, and nulls for options that have a default. ``args.config`` holds the config's path (or None)."""
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("-c", "--config", default=None)
+    config_args, remaining = config_parser.parse_known_args(argv)
+    original, from_config = {a.dest: a.default for a in parser._actions}, set()
+    if config_args.config:
+        defaults = read_config(config_args.config)
+        from_config = set(defaults)
+        unknown = sorted(set(defaults) - {a.dest for a in parser._actions})
+        if unknown:
+            raise SettingsError(f"{config_args.config} names unknown options {unknown}")
+        for action in parser._actions:  # argparse converts a string default itself, with a usage screen on error
+            value = defaults.get(action.dest)
+            if isinstance(value, str) and action.type in (int, float):
+                try:
+                    action.type(value)
+                except ValueError:
+                    raise SettingsError(f"{action.dest} = {value!r} in {config_args.config} is not a number") from None
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(remaining)
+    args.config = config_args.config
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise SettingsError(f"{action.dest} = {value!r} is not one of {sorted(action.choices)}")
+        if action.type in (int, float) and value is not None and not isinstance(value, int | float):
+            raise SettingsError(f"{action.dest} = {value!r} is not a number")
+        if value is None and action.dest in from_config and original.get(action.dest) is not None:
+            raise SettingsError(f"{action.dest} is null in {args.config}: give a value or drop the key")
+    return args
+
+
+#: the lowest meaningful value of each numeric option, and whether it is allowed itself (lr 0 trains nothing)
+VALUE_LIMITS = {
+    "lr": (0, False),
+    "alpha": (0, False),
+    "epochs": (1, True),
+    "batch_size": (1, True),
+    "global_batch_size": (1, True),
+    "grad_accum_steps": (1, True),
+    "max_train_samples": (1, True),
+    "train_samples_per_epoch": (1, True),
+    "max_val_samples": (1, True),
+    "image_size": (1, True),
+    "max_steps": (1, True),
+    "log_every": (1, True),
+    "keep_checkpoints": (1, True),
+    "num_workers": (0, True),
+    "checkpoint_every_steps": (0, True),
+    "checkpoint_every_epochs": (0, True),
+    "constraint_weight": (0, True),
+    "margin": (0, True),
+    "clean_fraction": (0, True),
+    "weight_decay": (0, True),
+    "momentum": (0, True),
+    "clip_grad": (0, False),
+    "crop_pct": (0, False),
+    "warmup_epochs": (0, True),
+    "warmup_steps": (0, True),
+    "warmup_lr": (0, True),
+    "min_lr": (0, True),
+    "decay_epochs": (0, False),
+    "decay_rate": (0, False),
+    "smoothing": (0, True),
+    "model_ema_decay": (0, True),
+    "drop": (0, True),
+    "drop_path": (0, True),
+}
+#: the highest allowed value of the options that have one
+VALUE_MAXIMA = {"crop_pct": 1, "clean_fraction": 1, "smoothing": 1, "model_ema_decay": 1, "drop": 1, "drop_path": 1}
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Refuse meaningless values (``--lr -0.1``, ``--epochs 0``, ``--alpha 0``, NaN, ...) and an ``--output-dir``
+    that is a file, each with one line (:class:`SettingsError`)."""
+    for dest, (low, inclusive) in VALUE_LIMITS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if not math.isfinite(value):
+            raise SettingsError(f"{flag} must be a finite number, got {value}")
+        if value < low or (value == low and not inclusive):
+            raise SettingsError(f"{flag} must be {'>=' if inclusive else '>'} {low}, got {value}")
+        if dest in VALUE_MAXIMA and value > VALUE_MAXIMA[dest]:
+            raise SettingsError(f"{flag} must be <= {VALUE_MAXIMA[dest]}, got {value}")
+    output_dir = getattr(args, "output_dir", None)
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise SettingsError(f"--output-dir {output_dir} is a file; the run folder must be a folder")
