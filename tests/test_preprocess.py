@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from timm_icl import fashion_mnist
+from timm_icl.data import fashion_mnist
 from timm_icl.data.preprocess import (
     ImageTransform,
     UnusableImageError,

@@ -1,6 +1,8 @@
 """Layer presets per timm family: the preset captures real pre-activations (negatives present, equal to a
 manual computation of the non-linearity's input) and ICLTask trains a step on each family's tiny model."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -35,11 +37,25 @@ def test_preset_captures_preactivations_and_trains(name, kwargs, size, expected)
         model(x)
     for layer in layers:
         assert float(acts[layer].min()) < 0 < float(acts[layer].max()), layer
-    task = ICLTask(model, seed=0)
+    # every image left clean (clean_fraction 1): the student's pre-activations are those of x itself, so the
+    # constraint is checked against its formula, BCE-with-logits(alpha * h_student, 1[h_reference > 0])
+    reference = copy.deepcopy(model).eval()
+    task = ICLTask(model, seed=0, clean_fraction=1.0)
     task.train()
-    out = task(x, torch.randint(0, model.num_classes, (2,)))
+    labels = torch.randint(0, model.num_classes, (2,))
+    out = task(x, labels)
     out["loss"].backward()
-    assert torch.isfinite(out["loss"]) and float(out["constraint_loss"]) > 0
+    normalized = task.normalize(x)
+    with torch.no_grad(), capture_preactivations(reference, layers) as ref_acts:
+        reference(normalized)
+    student = copy.deepcopy(model).train()
+    with torch.no_grad(), capture_preactivations(student, layers) as acts:
+        student(normalized)
+    expected = torch.stack(
+        [F.binary_cross_entropy_with_logits(100.0 * acts[k].float(), (ref_acts[k] > 0).float()) for k in layers]
+    ).mean()
+    torch.testing.assert_close(out["constraint_loss"], expected, rtol=1e-4, atol=1e-6)
+    assert float(expected) > 0.01  # the student is in training mode: not the reference's exact firing pattern
 
 
 def test_resnet_preset_is_block_sum_before_relu():
