@@ -54,6 +54,7 @@ from timm_icl.train.distributed import any_rank, lockstep
 from timm_icl.train.guard import NonFiniteGuard
 from timm_icl.train.run_files import keep_metrics
 from timm_icl.train.signals import StopSignals
+from timm_icl.train.tracking import flat_config, parse_trackers, tracker_init_kwargs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -192,7 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--log-every", "--log-interval", type=int, default=10, help="optimizer steps between metric lines"
     )
-    group.add_argument("--log-with", default=None, help="accelerate trackers, e.g. 'tensorboard' or 'wandb'")
+    group.add_argument(
+        "--log-with",
+        default=None,
+        help="trackers, comma-separated: 'tensorboard' (RUN/logs), 'wandb' (RUN/wandb; WANDB_MODE=offline keeps it "
+        "local), ... (accelerate's); a tracker that is not installed is an error",
+    )
+    group.add_argument("--log-wandb", action="store_true", help="timm's flag: the same as --log-with wandb")
     group.add_argument("--checkpoint-every-steps", type=int, default=0, help="0: only per epoch")
     group.add_argument("--checkpoint-every-epochs", type=int, default=1, help="0: never per epoch")
     group.add_argument("--keep-checkpoints", "--checkpoint-hist", type=int, default=3, help="rotation: newest N kept")
@@ -211,6 +218,10 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
             args.constraint_weight = 0.0
         if args.amp and args.mixed_precision in (None, "no"):  # timm's --amp / --amp-dtype spelled accelerate's way
             args.mixed_precision = {"bfloat16": "bf16", "float16": "fp16"}[args.amp_dtype]
+        try:
+            args.log_with = ",".join(parse_trackers(args.log_with, args.log_wandb)) or None
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
         if args.opt.lower() not in timm.optim.list_optimizers():
             raise SettingsError(f"--opt {args.opt!r} is not a timm optimizer; see timm.optim.list_optimizers()")
         check_values(args)
@@ -264,7 +275,11 @@ def check_push(args: argparse.Namespace, accelerator: Accelerator) -> None:
 
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
     # checkpoints are named, written atomically and rotated by timm_icl.train.checkpoint, not by accelerate
-    project = ProjectConfiguration(project_dir=str(args.output_dir), automatic_checkpoint_naming=False)
+    project = ProjectConfiguration(
+        project_dir=str(args.output_dir),
+        logging_dir=str(Path(args.output_dir) / "logs"),  # tensorboard: RUN/logs/<run name>
+        automatic_checkpoint_naming=False,
+    )
     accelerator = Accelerator(
         # several processes without GPUs: accelerate 1.15 only sets up gloo (MULTI_CPU) when told cpu=True
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -660,8 +675,12 @@ def open_run_folder(run: Run, image_size: int) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)  # on every rank: each may write its own files into it
     if run.is_main:
         (run.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    if args.log_with:
-        run.accelerator.init_trackers(run.run_dir.name, config={k: v for k, v in resolved.items() if v is not None})
+    if args.log_with:  # scalars only, one level (tensorboard's add_hparams refuses a nested data_config)
+        run.accelerator.init_trackers(
+            run.run_dir.name,
+            config=flat_config(resolved),
+            init_kwargs=tracker_init_kwargs(args.log_with.split(","), run.run_dir),
+        )
     if run.is_main:
         metrics = run.run_dir / "metrics.jsonl"
         if run.resumed:  # drop what was logged after the checkpoint: the resumed run logs those steps again
