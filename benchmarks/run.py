@@ -538,8 +538,9 @@ class _JpegDataset(torch.utils.data.Dataset):
 def bench_eval(repeats, folder: Path, device, model_name="mobilenetv3_small_050", batch=12) -> dict:
     import timm
 
+    from timm_icl.data.preprocess import resolve_mean_std
     from timm_icl.distortions import Distortion, parse_distortions
-    from timm_icl.eval.evaluate import evaluate_robustness, resolve_mean_std
+    from timm_icl.eval.evaluate import evaluate_robustness
 
     paths = sorted(folder.glob("img_*.jpg")) or make_jpegs(folder)
     model = timm.create_model(model_name, num_classes=10).to(device).eval()

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -75,7 +74,9 @@ from timm_icl.eval import (  # noqa: E402
     plot_accuracy_vs_sigma,
     summarize,
 )
-from timm_icl.eval.results_io import canonical_json, pack_result, unpack_result  # noqa: E402
+from timm_icl.eval.results_io import pack_result, unpack_result  # noqa: E402
+from timm_icl.utils.files import atomic_write_text  # noqa: E402
+from timm_icl.utils.jsonio import canonical_json  # noqa: E402
 
 NAMES = {"none": "Fine-tuning", "icl": "ICL (proposed)", "mse": "MSE", "ab": "AB (Heo et al.)", "jsd": "JSD (AugMix)"}
 SPLIT_SEED = 12345
@@ -263,9 +264,7 @@ def finished(marker: Path, key: dict) -> bool:
 
 def mark_finished(marker: Path, key: dict) -> None:
     """Write ``key`` to ``marker`` atomically, after the work it describes is complete."""
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(key))
-    os.replace(tmp, marker)
+    atomic_write_text(marker, json.dumps(key))
 
 
 def evaluate_run(args: argparse.Namespace, model_dir: Path, dataset: str, split: str, size: int | None) -> dict:

@@ -115,10 +115,12 @@ def test_default_set_is_papers_and_topk_options(model_and_data):
 
 def test_bad_batches_give_clear_errors(model_and_data):
     model, images, labels = model_and_data
+    with pytest.raises(ValueError, match=r"no pretrained_cfg mean/std .*pass mean=... and std=..."):
+        evaluate_robustness(model, [(images[:2], labels[:2])], "noise:20")  # a model built by hand: no guess
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
-        evaluate_robustness(model, [(images[:2, :1], labels[:2])], "noise:20")
+        evaluate_robustness(model, [(images[:2, :1], labels[:2])], "noise:20", mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="tuples"):
-        evaluate_robustness(model, [images[:2]], "noise:20")
+        evaluate_robustness(model, [images[:2]], "noise:20", mean=MEAN, std=STD)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 9\]"):
         evaluate_robustness(model, [(images[:2], torch.tensor([3, 10]))], "noise:20", mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="no images"):

@@ -1,12 +1,12 @@
-"""Cached reference targets: packing, same loss as the live reference, stale caches refused."""
+"""Cached reference targets: same loss as the live reference, stale caches refused (bit packing itself:
+tests/test_utils.py)."""
 
-import numpy as np
 import pytest
 import timm
 import torch
 
 import timm_icl  # noqa: F401  (registers vgg_tiny)
-from timm_icl.target_cache import StaleCacheError, TargetCache, pack_bits, unpack_bits
+from timm_icl.target_cache import StaleCacheError, TargetCache
 from timm_icl.task import ICLTask
 
 PRE = {"image_size": 28, "crop": "none"}
@@ -26,15 +26,6 @@ def _data(n=12, seed=1):
 def _batches(images, ids, bs=5):
     for s in range(0, len(ids), bs):
         yield ids[s : s + bs], images[s : s + bs]
-
-
-def test_pack_bits_matches_numpy_and_roundtrips():
-    g = torch.Generator().manual_seed(0)
-    bits = torch.rand(4, 13, 1, 1, generator=g) > 0.5  # 13 units: padding inside the last byte
-    packed = pack_bits(bits)
-    assert packed.dtype == torch.uint8 and packed.shape == (4, 2)
-    np.testing.assert_array_equal(packed.numpy(), np.packbits(bits.reshape(4, -1).numpy(), axis=1))
-    assert torch.equal(unpack_bits(packed, (13, 1, 1)), bits)
 
 
 def test_cached_and_live_give_same_loss():

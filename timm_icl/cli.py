@@ -18,6 +18,9 @@ import os
 import sys
 from pathlib import Path
 
+from .utils.errors import first_line
+from .utils.jsonio import json_safe
+
 __all__ = ["main", "build_parser"]
 
 
@@ -42,7 +45,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval.evaluate import evaluate_robustness
 
     try:
-        from .data import create_loader
+        from .data import create_loader, is_fashion_mnist
     except ImportError:
         raise ValueError("timm_icl.data is not available in this installation; cannot read datasets") from None
     from .data.preprocess import resolve_preprocessing
@@ -79,7 +82,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     split = args.split
     if split is None:  # validation when the dataset has one (ImageNet's test split has no labels), else test
-        split = "test" if _is_fashion_mnist(args.dataset) else "validation"
+        split = "test" if is_fashion_mnist(args.dataset) else "validation"
         try:
             loader, info = create_loader(args.dataset, split, **loader_kwargs)
         except ValueError as e:
@@ -122,7 +125,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     name = args.name or _display_name(args.model)
     results.update(model=args.model, name=name, dataset=args.dataset, split=info["split"])
-    results["preprocessing"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    results["preprocessing"] = json_safe(data_config)
     if baseline is not None or set(distortions.kinds()) - {"noise", "blur"}:
         # camera corruptions: one row per corruption (mean top-1 over its severities), CE and mCE with --baseline
         print(format_corruption_table({name: results}, baseline))
@@ -140,10 +143,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         plot_accuracy_vs_sigma({name: results}, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
-
-
-def _is_fashion_mnist(dataset: str) -> bool:
-    return dataset.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
 
 
 def _display_name(model: str) -> str:
@@ -419,9 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one line for users; TIMM_ICL_DEBUG=1 shows the traceback
         if os.environ.get("TIMM_ICL_DEBUG"):
             raise
-        lines = str(e).strip().splitlines()
         kind = "" if isinstance(e, (ValueError, RuntimeError)) else f"{type(e).__name__}: "
-        print(f"timm-icl {args.command}: error: {kind}{lines[0] if lines else type(e).__name__}", file=sys.stderr)
+        print(f"timm-icl {args.command}: error: {kind}{first_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .utils.errors import first_line
+
 __all__ = ["resolve_model_spec", "create_model", "load_init_weights"]
 
 _PREFIXES = ("hf-hub:", "local-dir:", "hf_hub:")
@@ -45,11 +47,12 @@ def create_model(model: str, *, pretrained: bool, **kwargs: Any) -> torch.nn.Mod
     try:
         return timm.create_model(name, pretrained=pretrained and from_weights, **kwargs)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # hub errors (offline, 404, gated): OSError
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if isinstance(e, SafetensorError):  # a truncated or damaged weights file: name it
             where = Path(name.split(":", 1)[1]) / "model.safetensors" if name.startswith("local-dir:") else name
-            raise ValueError(f"cannot load model {model!r}: {where} is damaged or truncated ({first})") from None
-        raise ValueError(f"cannot load model {model!r} ({type(e).__name__}: {first})") from None
+            raise ValueError(
+                f"cannot load model {model!r}: {where} is damaged or truncated ({first_line(e)})"
+            ) from None
+        raise ValueError(f"cannot load model {model!r} ({first_line(e, with_type=True)})") from None
 
 
 def load_init_weights(model: torch.nn.Module, path: str | Path, *, new_head: bool) -> None:
@@ -62,7 +65,7 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, *, new_head: boo
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ValueError(
-            f"--init-checkpoint {path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+            f"--init-checkpoint {path} is not a readable safetensors file ({first_line(e)}); "
             "pass a .safetensors state dict or a timm folder (config.json + model.safetensors)"
         ) from None
     own = model.state_dict()

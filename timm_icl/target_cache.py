@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,42 +37,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TargetCache", "StaleCacheError", "pack_bits", "unpack_bits", "fingerprint_weights", "cache_fingerprint"]
+from .utils.bits import pack_bits, unpack_bits
+from .utils.jsonio import canonical_json
+
+__all__ = ["TargetCache", "StaleCacheError", "fingerprint_weights", "cache_fingerprint"]
 
 _FORMAT = "timm-icl-target-cache/1"
-_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)  # big-endian bit order, as numpy.packbits
 
 
 class StaleCacheError(ValueError):
     """The cache was computed for other weights, layers or preprocessing than the ones in use."""
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack boolean rows into bytes.
-
-    Args:
-        bits: ``[N, ...]`` bool (or 0/1) tensor; everything after the first dim is flattened (units).
-
-    Returns:
-        uint8 ``[N, ceil(units / 8)]``, big-endian within a byte (``numpy.packbits`` order), zero-padded.
-    """
-    flat = bits.reshape(bits.shape[0], -1).to(torch.uint8)
-    units = flat.shape[1]
-    pad = (-units) % 8
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    weights = torch.bitwise_left_shift(torch.ones((), dtype=torch.uint8), _SHIFTS.to(flat.device))
-    # the sum of distinct powers of two never exceeds 255, so uint8 arithmetic is exact
-    return (flat.view(flat.shape[0], -1, 8) * weights).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: uint8 ``[N, nbytes]`` -> bool ``[N, *shape]``."""
-    units = math.prod(shape)
-    if packed.shape[1] * 8 < units:
-        raise ValueError(f"packed rows hold {packed.shape[1] * 8} bits, the layer shape {tuple(shape)} needs {units}")
-    bits = torch.bitwise_right_shift(packed.unsqueeze(-1), _SHIFTS.to(packed.device)) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :units].bool().reshape(packed.shape[0], *shape)
 
 
 def fingerprint_weights(model: nn.Module) -> str:
@@ -85,19 +58,6 @@ def fingerprint_weights(model: nn.Module) -> str:
         # view as bytes: works for every dtype (bf16 has no numpy equivalent)
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _canonical(obj: Any) -> Any:
-    """JSON-stable form: tuples -> lists, floats rounded to 1e-7 (mean/std typed as 0.485 or float32)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    if isinstance(obj, float):
-        return round(obj, 7)
-    if isinstance(obj, torch.Tensor):
-        return _canonical(obj.tolist())
-    return obj
 
 
 def cache_fingerprint(task, preprocessing: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -120,7 +80,7 @@ def cache_fingerprint(task, preprocessing: Mapping[str, Any] | None = None) -> d
     return {
         "weights": fingerprint_weights(task.reference),
         "layers": json.dumps(list(task.layers)),
-        "preprocessing": json.dumps(_canonical(pre), sort_keys=True),
+        "preprocessing": canonical_json(pre, indent=None, float_digits=7, end=""),
     }
 
 

@@ -27,7 +27,7 @@ from timm.utils.model import unwrap_model
 from torch import nn
 
 from .capture import capture_preactivations, resolve_layers, run_until_captured
-from .data.preprocess import check_unit_range, normalize, to_unit_float
+from .data.preprocess import check_unit_range, normalize, resolve_mean_std, to_unit_float
 from .distortions import DistortionSampler, DistortionSet
 from .layers import default_layers
 from .losses import DEFAULT_LAMBDA, JSDConsistencyLoss, create_constraint
@@ -103,11 +103,7 @@ class ICLTask(TrainingTask):
         self.sampler = DistortionSampler(distortions, clean_fraction=clean_fraction, seed=seed)
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
 
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = mean if mean is not None else cfg.get("mean")
-        std = std if std is not None else cfg.get("std")
-        if mean is None or std is None:
-            raise ValueError("the model has no pretrained_cfg mean/std; pass mean=... and std=... to ICLTask")
+        mean, std = resolve_mean_std(model, mean, std)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 

@@ -3,7 +3,8 @@
 resumable sharded streams (:mod:`.stream`) and the Fashion-MNIST files from Debian's package
 (:mod:`.fashion_mnist`)."""
 
-from .datasets import FashionMNISTDataset, check_dataset_access, create_dataset, decode_image
+from .datasets import FashionMNISTDataset, check_dataset_access, create_dataset, decode_image, hub_dataset_id
+from .fashion_mnist import is_fashion_mnist
 from .loader import ImageLoader, ShardedBatchSampler, check_labels, create_loader
 from .preprocess import (
     ImageTransform,
@@ -12,6 +13,7 @@ from .preprocess import (
     normalize,
     open_image,
     preprocess_image,
+    resolve_mean_std,
     resolve_preprocessing,
     to_unit_float,
 )
@@ -26,12 +28,15 @@ __all__ = [
     "ImageLoader",
     "ShardedBatchSampler",
     "decode_image",
+    "hub_dataset_id",
+    "is_fashion_mnist",
     "ImageTransform",
     "UnusableImageError",
     "check_unit_range",
     "normalize",
     "open_image",
     "preprocess_image",
+    "resolve_mean_std",
     "resolve_preprocessing",
     "to_unit_float",
     "ShardedStream",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from ..utils.errors import first_line
 from . import fashion_mnist as _fashion_mnist
 from .preprocess import ImageTransform, _scale_size, open_image, resolve_preprocessing
 
@@ -90,7 +92,7 @@ class _Decoder:
             image = self.transform(cell) if self.transform is not None else decode_image(cell)
         except Exception as e:  # any decoder error or a thin strip: skip the sample, never stop the run
             where = row[self.image_column].get("path") if isinstance(row[self.image_column], dict) else None
-            _logger.warning("skipping unusable image %s: %s", where or index, str(e).splitlines()[0][:200])
+            _logger.warning("skipping unusable image %s: %s", where or index, first_line(e)[:200])
             return None
         return image, int(row[self.label_column])
 
@@ -144,14 +146,14 @@ class HFImageDataset(Dataset):
 
 
 class HFImageStream(IterableDataset):
-    """A streamed (``datasets.IterableDataset``) source, already split by rank; workers split it further."""
+    """A streamed (``datasets.IterableDataset``) source as decoded ``(image, label)`` samples, in the source's order.
+
+    What :func:`create_dataset` returns for ``streaming=True``; iterate it directly, or let :func:`create_loader`
+    read its ``hf_dataset`` and ``decoder`` through :mod:`.stream` (whole shards per rank, an exact resume position).
+    """
 
     def __init__(self, hf_dataset: Any, decoder: _Decoder, num_samples: int | None = None):
         self.hf_dataset, self.decoder, self.num_samples = hf_dataset, decoder, num_samples
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.hf_dataset, "set_epoch"):
-            self.hf_dataset.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | None]:
         # datasets' IterableDataset notices it runs inside a DataLoader worker and yields that worker's share.
@@ -178,7 +180,7 @@ def _detect_column(features: dict, names: tuple[str, ...], kind: str, wanted: st
 
 
 def _gated_message(name: str, e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = first_line(e)
     lowered = (text + type(e).__name__).lower()
     if "gated" in lowered or "401" in lowered or "403" in lowered or "authenticat" in lowered:
         return (
@@ -205,7 +207,7 @@ def _load_hf(name_or_path: str, split: str, streaming: bool) -> Any:
         return datasets.load_dataset(name_or_path, split=split, streaming=streaming)
     except ValueError as e:
         if "Unknown split" in str(e) or "split" in str(e).lower() and "not" in str(e).lower():
-            raise ValueError(f"dataset {name_or_path!r} has no split {split!r}: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"dataset {name_or_path!r} has no split {split!r}: {first_line(e)}") from None
         raise ValueError(_gated_message(name_or_path, e)) from None
     except Exception as e:  # DatasetNotFoundError, GatedRepoError, ConnectionError, ...
         raise ValueError(_gated_message(name_or_path, e)) from None
@@ -270,7 +272,7 @@ def create_dataset(
         "data_config": config,
         "train_transform": train_transform,
     }
-    if name_or_path.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):
+    if _fashion_mnist.is_fashion_mnist(name_or_path):
         local_split = "test" if split in ("validation", "test") else split
         if _fashion_mnist.local_files_available(local_split):
             dataset: Any = FashionMNISTDataset(local_split, transform)
@@ -350,7 +352,7 @@ def check_dataset_access(spec: str, streaming: bool | None = None) -> bool:
     """Whether to stream ``spec`` (default: on for a Hub id, off for local data); for a Hub dataset, a ValueError
     line when it cannot be read: offline, gated without access, unknown, or the Hub unreachable. Cheap (one Hub
     request): call it before loading any model or data."""
-    local = Path(spec).expanduser().exists() or spec.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
+    local = Path(spec).expanduser().exists() or _fashion_mnist.is_fashion_mnist(spec)
     if streaming is None:
         streaming = not local
     if local:
@@ -374,3 +376,16 @@ def check_dataset_access(spec: str, streaming: bool | None = None) -> bool:
     except Exception as e:  # no network: the Hub client's connection errors
         raise ValueError(f"cannot reach the Hub for {spec} ({type(e).__name__}): connect and {what}") from None
     return streaming
+
+
+def hub_dataset_id(dataset: str | None) -> str | None:
+    """The Hub id of a dataset spec as :func:`create_dataset` reads it (``"fashion-mnist"`` ->
+    ``zalando-datasets/fashion_mnist``), None for a local path or anything that is not ``owner/name`` (the model
+    card's metadata names Hub datasets only)."""
+    if not dataset:
+        return None
+    if _fashion_mnist.is_fashion_mnist(dataset):
+        return _fashion_mnist.HUB_ID
+    if dataset.startswith(("/", ".", "~")) or Path(dataset).expanduser().exists():
+        return None
+    return dataset if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset) else None

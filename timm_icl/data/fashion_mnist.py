@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_fashion_mnist", "local_files_available", "fashion_mnist_root", "CLASS_NAMES", "HUB_ID", "DEFAULT_ROOT"]
+__all__ = [
+    "is_fashion_mnist",
+    "load_fashion_mnist",
+    "local_files_available",
+    "fashion_mnist_root",
+    "CLASS_NAMES",
+    "HUB_ID",
+    "DEFAULT_ROOT",
+]
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 HUB_ID = "zalando-datasets/fashion_mnist"
@@ -36,6 +44,12 @@ CLASS_NAMES = [
     "Ankle boot",
 ]
 _FILES = {"train": "train", "test": "t10k"}
+
+
+def is_fashion_mnist(spec: str | None) -> bool:
+    """Whether a dataset spec names Fashion-MNIST: ``"fashion-mnist"``, ``"fashion_mnist"`` or ``"FashionMNIST"``, in
+    any case (the Hub id :data:`HUB_ID` is a Hub dataset like any other)."""
+    return bool(spec) and spec.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
 
 
 def fashion_mnist_root() -> Path:

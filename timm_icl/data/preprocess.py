@@ -305,6 +305,26 @@ def to_unit_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     return images
 
 
+def resolve_mean_std(
+    model: torch.nn.Module | None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std to normalise with: the arguments, else the model's ``pretrained_cfg`` (every timm model has one).
+
+    Training (:class:`~timm_icl.task.ICLTask`), evaluation and the analysis all resolve them here, so they normalise
+    alike. There is no silent default: a model without them (built by hand, or wrapped) raises rather than being
+    normalised with ImageNet's statistics it may not have been trained with.
+
+    Raises:
+        ValueError: neither the arguments nor ``model.pretrained_cfg`` give a mean and a std.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = mean if mean is not None else cfg.get("mean")
+    std = std if std is not None else cfg.get("std")
+    if mean is None or std is None:
+        raise ValueError("the model has no pretrained_cfg mean/std (built by hand?); pass mean=... and std=...")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]):
     """``(images - mean) / std`` per channel, for uint8 ``[B, C, H, W]`` (0-255) or float (0-1) images.
 

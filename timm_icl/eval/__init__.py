@@ -2,7 +2,8 @@
 tables (:mod:`.tables`), plots (:mod:`.plots`), the results file (:mod:`.results_io`), and the firing-pattern
 analysis (:mod:`.analysis`)."""
 
-from .evaluate import distort, evaluate_robustness, noise_seed, resolve_mean_std
+from ..data.preprocess import resolve_mean_std
+from .evaluate import distort, evaluate_robustness, noise_seed
 from .plots import plot_accuracy_vs_sigma
 from .results_io import load_results, save_results
 from .stats import (

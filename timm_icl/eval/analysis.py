@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..capture import run_until_captured
-from ..data.preprocess import normalize
+from ..data.preprocess import normalize, resolve_mean_std
 from ..layers import default_layers
 
 __all__ = ["firing_agreement", "normalize_for"]
@@ -22,8 +22,6 @@ __all__ = ["firing_agreement", "normalize_for"]
 
 def normalize_for(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Normalise ``[B, C, H, W]`` images (uint8, or float in [0, 1]) with ``model.pretrained_cfg`` mean/std."""
-    from .evaluate import resolve_mean_std
-
     return normalize(images, *resolve_mean_std(model))
 
 

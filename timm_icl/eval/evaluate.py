@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.preprocess import check_unit_range, normalize, to_unit_float
+from ..data.preprocess import check_unit_range, normalize, resolve_mean_std, to_unit_float
 from ..distortions import Distortion, DistortionSet, parse_distortions
 from .stats import summarize
 
@@ -32,7 +32,6 @@ __all__ = [
     "evaluate_robustness",
     "noise_seed",
     "distort",
-    "resolve_mean_std",
 ]
 
 
@@ -99,18 +98,6 @@ def distort(
     return torch.cat(noisy) if noisy else images.clone()
 
 
-def resolve_mean_std(
-    model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std for normalisation: the arguments, else the model's ``pretrained_cfg``, else ImageNet's."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = mean if mean is not None else cfg.get("mean", IMAGENET_DEFAULT_MEAN)
-    std = std if std is not None else cfg.get("std", IMAGENET_DEFAULT_STD)
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, Mapping):
         return batch["images"] if "images" in batch else batch["image"], batch[
@@ -145,7 +132,7 @@ def evaluate_robustness(
         distortions: a distortion set or its text (``None``/``"paper"``: the paper's ten conditions;
             ``"imagenet-c"``; ``"imagenet-c-10"``; ``"small"``; any registered kinds, ``"shot_noise:1,3 jpeg:2"``).
             Clean is always evaluated first.
-        mean, std: normalisation (default: the model's ``pretrained_cfg``).
+        mean, std: normalisation (default: the model's ``pretrained_cfg``; without either: ValueError).
         seed: noise seed; the same seed gives the same numbers on every run and batch size.
         device: where distortions and the model run (default: ``accelerator.device`` or the model's device).
         accelerator: an ``accelerate.Accelerator`` when several processes each evaluate their own shard:

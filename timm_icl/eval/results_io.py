@@ -1,6 +1,7 @@
-"""The results file: :func:`save_results` writes a result as canonical JSON (sorted keys: identical results,
-identical bytes) with the per-image correctness packed as bits (hex text: 10,000 images take 2.5 kB per condition);
-:func:`load_results` unpacks them, and also reads files with plain 0/1 lists and a run's ``results.json``.
+"""The results file: :func:`save_results` writes a result as canonical JSON (:mod:`timm_icl.utils.jsonio`: sorted
+keys, identical results give identical bytes) with the per-image correctness packed as bits (hex text: 10,000 images
+take 2.5 kB per condition); :func:`load_results` unpacks them, and also reads files with plain 0/1 lists and a run's
+``results.json``.
 
 A file holds what :func:`~timm_icl.eval.evaluate.evaluate_robustness` returns, with ``per_image`` as
 ``{condition: hex}`` and ``"per_image_encoding": "packbits-hex"`` (bit ``i`` of the bytes, most significant bit
@@ -19,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..target_cache import pack_bits, unpack_bits
+from ..utils.bits import pack_bits, unpack_bits
+from ..utils.jsonio import canonical_json
 from .stats import Result
 
 __all__ = [
@@ -29,36 +31,14 @@ __all__ = [
     "unpack_result",
     "pack_correctness",
     "unpack_correctness",
-    "json_safe",
-    "canonical_json",
 ]
 
 PACKED_ENCODING = "packbits-hex"
 
 
-def json_safe(value: Any) -> Any:
-    """A JSON-serialisable copy: mappings with str keys, tuples -> lists, tensors/arrays -> lists, numpy scalars
-    -> Python numbers, objects with ``to_text()`` (a DistortionSet) -> their text, anything else -> ``str``."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.Tensor) or hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
-        return json_safe(value.tolist())
-    if hasattr(value, "to_text"):
-        return value.to_text()
-    return str(value)
-
-
-def canonical_json(value: Any, *, indent: int | None = 1) -> str:
-    """``json_safe(value)`` as JSON with sorted keys and a final newline: equal values give equal bytes."""
-    return json.dumps(json_safe(value), indent=indent, sort_keys=True) + "\n"
-
-
 def pack_correctness(correct: Sequence[int]) -> str:
-    """Per-image 0/1 correctness -> hex text of the bits packed by ``target_cache.pack_bits`` (8 images a byte)."""
+    """Per-image 0/1 correctness -> hex text of the bits packed by :func:`~timm_icl.utils.bits.pack_bits` (8 images
+    a byte)."""
     bits = torch.as_tensor(list(correct), dtype=torch.uint8).view(1, -1)
     return pack_bits(bits)[0].numpy().tobytes().hex()
 

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..data.fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
+from ..data import hub_dataset_id, is_fashion_mnist
 from ..eval.tables import format_table
 
-__all__ = ["render_model_card", "card_template", "hub_dataset_id", "RESULTS_NAME", "PLOT_NAME"]
+__all__ = ["render_model_card", "card_template", "RESULTS_NAME", "PLOT_NAME"]
 
 #: The files of an exported folder that the card reads besides config.json.
 RESULTS_NAME = "eval_results.json"
@@ -96,7 +96,7 @@ def render_model_card(
     results = json.loads(results_path.read_text()) if results_path.exists() else None
     model_name = icl.get("model_name") or folder.resolve().name
     dataset = icl.get("dataset")
-    dataset_name = {"fashion-mnist": "Fashion-MNIST"}.get(dataset or "", dataset or "evaluation set")
+    dataset_name = "Fashion-MNIST" if is_fashion_mnist(dataset) else dataset or "evaluation set"
     # a Hub dataset id or nothing: a local path stays in config.json's icl block, never in the metadata
     dataset_id = icl["dataset_hub_id"] if "dataset_hub_id" in icl else hub_dataset_id(dataset)
     base_model = icl.get("base_model")
@@ -170,20 +170,6 @@ def render_model_card(
         plot=PLOT_NAME if (folder / PLOT_NAME).exists() else None,
     )
     return str(card)
-
-
-def hub_dataset_id(dataset: str | None) -> str | None:
-    """The Hub id of a dataset spec (``"fashion-mnist"`` -> ``zalando-datasets/fashion_mnist``), None for a local
-    path or anything that is not ``owner/name``."""
-    import re
-
-    if not dataset:
-        return None
-    if dataset.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):
-        return FASHION_MNIST_HUB_ID
-    if dataset.startswith(("/", ".", "~")) or Path(dataset).expanduser().exists():
-        return None
-    return dataset if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset) else None
 
 
 def _training_length(icl: Mapping[str, Any]) -> str:

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import hub_dataset_id
 from ..eval.plots import plot_accuracy_vs_sigma
-from ..eval.results_io import canonical_json, json_safe
-from .card import PLOT_NAME, RESULTS_NAME, hub_dataset_id, render_model_card
+from ..utils.files import replace_folder, staging_folder
+from ..utils.jsonio import canonical_json, json_safe
+from .card import PLOT_NAME, RESULTS_NAME, render_model_card
 
 __all__ = ["export_model", "resolve_model_folder", "non_finite_tensors", "non_finite_summary"]
 
@@ -58,51 +59,14 @@ def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
 
 
 def non_finite_summary(bad: list[str], state_dict: Mapping[str, Any]) -> str:
+    """One line naming the non-finite tensors ``bad`` (the first four) among the floating tensors of ``state_dict``."""
     total = sum(1 for v in state_dict.values() if torch.is_tensor(v) and v.is_floating_point())
     shown = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
     return f"{len(bad)} of {total} weight tensors hold NaN or infinite values ({shown}); the training diverged"
 
 
-def _staging_folder(final: Path) -> Path:
-    """A fresh hidden folder beside ``final`` to export into (leftovers of a killed export are removed first)."""
-    if final.exists() and not final.is_dir():
-        raise ValueError(f"cannot export to {final}: it is a file, not a folder")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
-        for leftover in final.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
-    staged = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    staged.mkdir()
-    return staged
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # glibc < 2.28, musl
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # directories on some filesystems
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_folder(staged: Path, final: Path) -> None:
-    """Put the complete ``staged`` folder in ``final``'s place in one rename; files of ``final`` that an export does
+def _publish(staged: Path, final: Path) -> None:
+    """Put the complete ``staged`` export in ``final``'s place in one rename; files of ``final`` that an export does
     not write (a user's notes) are carried over, a stale ``pytorch_model.bin`` is not."""
     if final.is_dir():
         for item in final.iterdir():
@@ -112,21 +76,7 @@ def _replace_folder(staged: Path, final: Path) -> None:
                 shutil.copytree(item, staged / item.name, symlinks=True)
             else:
                 shutil.copy2(item, staged / item.name, follow_symlinks=False)
-    for path in [*staged.rglob("*"), staged]:
-        if path.is_file() or path == staged:
-            _fsync(path)
-    if not final.exists() or (final.is_dir() and not any(final.iterdir())):
-        os.replace(staged, final)
-        old = None
-    elif _exchange(staged, final):
-        old = staged  # now holds the previous export
-    else:  # two renames: a kill between them leaves the previous export in .<name>.old-<pid>
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(staged, final)
-    _fsync(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staged, final)
 
 
 def export_model(
@@ -187,7 +137,7 @@ def export_model(
     # Atomic as a folder: everything is written into a hidden staging folder beside out_dir, which then takes
     # out_dir's place in one rename, so a kill leaves either the previous export or the new one, complete.
     final = Path(out_dir)
-    out_dir = _staging_folder(final)
+    out_dir = staging_folder(final)
 
     model_config: dict[str, Any] = {}
     pretrained_override: dict[str, Any] = {"tag": "icl"}
@@ -199,7 +149,7 @@ def export_model(
             raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes")
         model_config["label_names"] = list(label_names)
     if data_config is not None:  # timm's own path: also drops the source's test_input_size / test_crop_pct
-        data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items() if v is not None}
+        data_config = {k: v for k, v in json_safe(data_config).items() if v is not None}
     save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True, data_config=data_config)
 
     config_path = out_dir / "config.json"
@@ -230,7 +180,7 @@ def export_model(
         except ImportError:
             _logger.warning("matplotlib is not installed: the card has no plot")
     (out_dir / "README.md").write_text(render_model_card(out_dir, shown_as=final))
-    _replace_folder(out_dir, final)
+    _publish(out_dir, final)
     return final
 
 

@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from ..utils.errors import first_line
+from ..utils.files import atomic_write_text
 from .card import render_model_card
 from .export import non_finite_summary, non_finite_tensors, resolve_model_folder
 
@@ -106,9 +108,7 @@ def push_to_hub(
             ]
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
             info = api.create_commit(repo_id, operations, commit_message=message, repo_type="model")
-            tmp = folder / ".README.md.tmp"
-            tmp.write_text(card)
-            os.replace(tmp, folder / "README.md")
+            atomic_write_text(folder / "README.md", card)
             return str(info.commit_url)
         except RepositoryNotFoundError as e:
             raise HubError(_auth_message(repo_id, e)) from None
@@ -117,10 +117,10 @@ def push_to_hub(
             if status in (401, 403):
                 raise HubError(_auth_message(repo_id, e)) from None
             if status is not None and status < 500 and status != 429:
-                raise HubError(f"the Hub refused the push to {repo_id} (HTTP {status}): {_first_line(e)}") from None
-            last = f"HTTP {status}: {_first_line(e)}"
+                raise HubError(f"the Hub refused the push to {repo_id} (HTTP {status}): {first_line(e)}") from None
+            last = f"HTTP {status}: {first_line(e)}"
         except (OSError, HTTPError) as e:  # refused / reset connections, DNS, timeouts: worth another try
-            last = f"{type(e).__name__}: {_first_line(e)}"
+            last = f"{type(e).__name__}: {first_line(e)}"
         if attempt < retries:
             _logger.warning("push to %s failed (%s); retrying in %.0f s", repo_id, last, delay)
             time.sleep(delay)
@@ -166,10 +166,10 @@ def validate_push(repo_id: str, *, token: str | None = None) -> str:
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
             raise HubError(_auth_message(repo_id, e)) from None
-        raise HubError(f"cannot push to {repo_id}: the Hub answered HTTP {status} ({_first_line(e)})") from None
+        raise HubError(f"cannot push to {repo_id}: the Hub answered HTTP {status} ({first_line(e)})") from None
     except (OSError, HTTPError) as e:  # connection errors
         raise HubError(
-            f"cannot push to {repo_id}: the Hub at {constants.ENDPOINT} cannot be reached ({_first_line(e)})"
+            f"cannot push to {repo_id}: the Hub at {constants.ENDPOINT} cannot be reached ({first_line(e)})"
         ) from None
     user = info.get("name")
     namespace = repo_id.split("/")[0]
@@ -206,7 +206,7 @@ def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ValueError(f"invalid repo_id {repo_id!r}: {_first_line(e)}") from None
+        raise ValueError(f"invalid repo_id {repo_id!r}: {first_line(e)}") from None
 
 
 def _check_finite_folder(folder: Path, repo_id: str) -> None:
@@ -222,18 +222,13 @@ def _check_finite_folder(folder: Path, repo_id: str) -> None:
                 dtypes[name] = tensor.new_empty(0)  # dtype only: for the count of floating tensors
                 bad += non_finite_tensors({name: tensor})
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot push {path}: it is damaged or truncated ({_first_line(e)})") from None
+        raise ValueError(f"cannot push {path}: it is damaged or truncated ({first_line(e)})") from None
     if bad:
         raise ValueError(f"refusing to push {folder} to {repo_id}: {non_finite_summary(bad, dtypes)}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _auth_message(repo_id: str, e: BaseException) -> str:
     return (
         f"not authorised to push to {repo_id}: log in with `hf auth login` or set HF_TOKEN to a token with write "
-        f"access to that namespace ({_first_line(e)})"
+        f"access to that namespace ({first_line(e)})"
     )

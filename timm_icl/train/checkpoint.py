@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from ..utils.files import replace_folder
+
 __all__ = [
     "CheckpointError",
     "WorldSizeMismatch",
@@ -186,16 +188,6 @@ def find_resumable(checkpoints_dir: str | Path, world_size: int | None = None) -
 # ---------------------------------------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------------------------------------
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
 def _all_ranks(accelerator, flag: bool) -> bool:
     """True when ``flag`` holds on every rank (one small all-reduce; none on a single process)."""
     if accelerator.num_processes == 1:
@@ -250,7 +242,6 @@ def save_checkpoint(
     if accelerator.is_main_process:
         files = {}
         for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync(file)
             files[file.relative_to(tmp).as_posix()] = file.stat().st_size
         marker = {
             "format": FORMAT,
@@ -260,13 +251,8 @@ def save_checkpoint(
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": files,
         }
-        with open(tmp / MARKER, "w") as f:
-            f.write(json.dumps(marker, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync(tmp, directory=True)
-        os.replace(tmp, final)
-        _fsync(root, directory=True)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        replace_folder(tmp, final)  # flushes every file and the folder, renames, flushes the parent
         rotate_checkpoints(root, keep)
     accelerator.wait_for_everyone()
     return final
