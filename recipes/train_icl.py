@@ -627,7 +627,10 @@ def save_checkpoint(run: Run) -> Path:
         "metrics_records": run.metrics_records,
     }
     step, keep = run.position["step"], run.args.keep_checkpoints
-    return checkpoint.save_checkpoint(run.accelerator, run.checkpoints, state, step=step, keep=keep)
+    try:
+        return checkpoint.save_checkpoint(run.accelerator, run.checkpoints, state, step=step, keep=keep)
+    except (checkpoint.CheckpointError, checkpoint.DiskFull) as e:  # full disk, bad read-back: older ones intact
+        sys.exit(f"error: {e}")
 
 
 def resume(run: Run) -> None:
@@ -698,8 +701,8 @@ def stop_if_diverged(run: Run) -> None:
     parts = f"loss {loss:.4g}, task_loss {task_loss:.4g}, constraint_loss {constraint_loss:.4g}"
     if run.args.clip_grad:
         parts += f", grad norm {norm:.4g}"
-    found = checkpoint.find_resumable(run.checkpoints)[0]
-    last = f"the last good checkpoint is {found[0]}" if found else "no checkpoint was written"
+    found = checkpoint.newest_verified(run.checkpoints)  # its content checked, not only its marker
+    last = f"the last good checkpoint is {found}" if found else "no checkpoint was written"
     sys.exit(
         f"error: training diverged at step {int(step)} ({parts}): stopped with nothing saved, exported or pushed; "
         f"{last}. Lower --lr or --constraint-weight, or set --clip-grad"
