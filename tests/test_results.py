@@ -123,7 +123,13 @@ def test_paired_tests_against_scipy_and_seeds():
         tables.format_comparison({"FT": base}, baseline="x")
 
 
-def test_plot_with_seeds_and_reference(tmp_path):
+def test_plot_with_seeds_and_reference(tmp_path, monkeypatch):
+    """What is drawn, read back from matplotlib's objects: one panel per kind starting at sigma 0 with the clean
+    accuracy, the seeds' mean with their sample std as error bars, the reference dashed."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
     seeds = [_result(0.9, (0.8, 0.6), (0.7, 0.5)), _result(0.92, (0.82, 0.62), (0.71, 0.52))]
     path = plots.plot_accuracy_vs_sigma(
         {"a": seeds, "b": _result(0.9, (0.85, 0.7), (0.75, 0.6))},
@@ -131,4 +137,23 @@ def test_plot_with_seeds_and_reference(tmp_path):
         reference=_result(0.95, (0.5, 0.2), (0.4, 0.1)),
     )
     data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figures
+    noise, blur = [ax for ax in fig.axes if ax.get_visible()]
+    assert (noise.get_title(), blur.get_title()) == ("Gaussian noise", "Gaussian blur")
+    assert noise.get_xlabel() == "noise sigma (0-255 pixel units)" and blur.get_xlabel() == "blur sigma (pixels)"
+    assert noise.get_ylabel() == "top-1 accuracy" and noise.get_ylim() == (0.0, 1.0)
+    drawn = {label: handle for handle, label in zip(*noise.get_legend_handles_labels())}
+    assert sorted(drawn) == ["a", "b", "reference"]
+    reference, a, b = drawn["reference"], drawn["a"], drawn["b"]
+    assert list(reference.get_xdata()) == [0.0, 20.0, 40.0] and list(reference.get_ydata()) == [0.95, 0.5, 0.2]
+    assert reference.get_linestyle() == "--" and reference.get_color() == "k"
+    line, _, (bars,) = a.lines  # an errorbar: the mean line, its caps, the bars
+    assert list(line.get_xdata()) == [0.0, 20.0, 40.0]
+    assert list(line.get_ydata()) == pytest.approx([0.91, 0.81, 0.61])
+    std = 0.02 / math.sqrt(2)  # sample std of two seeds 0.02 apart
+    assert [seg[1][1] - seg[0][1] for seg in bars.get_segments()] == pytest.approx([2 * std] * 3)
+    assert list(b.get_ydata()) == [0.9, 0.85, 0.7] and b.get_linestyle() == "-"
+    a_blur = dict(zip(*reversed(blur.get_legend_handles_labels())))["a"]
+    assert list(a_blur.lines[0].get_xdata()) == [0.0, 2.0, 4.0]
+    assert list(a_blur.lines[0].get_ydata()) == pytest.approx([0.91, 0.705, 0.51])

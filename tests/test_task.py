@@ -162,3 +162,31 @@ def test_jsd_constraint_is_timms_jsd_cross_entropy_on_distorted_clean_distorted_
     assert float(out["task_loss"]) == pytest.approx(float(F.cross_entropy(logits[:4], target)), rel=1e-5)
     assert torch.allclose(out["output"].detach(), logits[:4], atol=1e-5) and float(out["constraint_loss"]) > 0
     assert ICLTask(_model(), constraint="jsd").constraint_weight == 12.0  # AugMix's / timm's alpha
+
+
+def test_timm_task_protocol_compile_then_prepare_distributed(tmp_path):
+    """timm's training loop calls ``task.compile()`` then ``task.prepare_distributed(...)`` (timm.task.TrainingTask;
+    the base class's versions do nothing): ICLTask compiles and DDP-wraps the student only, the capture hooks still
+    fire, the frozen reference stays a plain module and ``get_eval_model`` is the plain student again."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    images, labels = torch.rand(4, 3, 28, 28), torch.randint(0, 10, (4,))
+    eager = ICLTask(_model(), constraint="icl", seed=3)(images, labels)
+    task = ICLTask(_model(), constraint="icl", seed=3)
+    student, reference = task.trainable_module, task.reference
+    compiled = task.compile(backend="eager")
+    assert compiled is task.trainable_module and compiled is not student and task.get_eval_model() is student
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert task.prepare_distributed() is task
+        assert isinstance(task.trainable_module, DistributedDataParallel)
+        assert task.reference is reference and not isinstance(task.reference, DistributedDataParallel)
+        assert task.get_eval_model() is student
+        out = task(images, labels)
+        out["loss"].backward()
+    finally:
+        dist.destroy_process_group()
+    for key in ("loss", "task_loss", "constraint_loss"):
+        assert float(out[key].detach()) == pytest.approx(float(eager[key].detach()), rel=1e-5)
+    assert float(out["constraint_loss"].detach()) > 0 and all(p.grad is not None for p in student.parameters())

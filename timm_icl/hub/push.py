@@ -113,9 +113,7 @@ def push_to_hub(
         except RepositoryNotFoundError as e:
             raise HubError(_auth_message(repo_id, e)) from None
         except HfHubHTTPError as e:
-            status = e.response.status_code if e.response is not None else None
-            if status in (401, 403):
-                raise HubError(_auth_message(repo_id, e)) from None
+            status = _status_unless_unauthorised(repo_id, e)
             if status is not None and status < 500 and status != 429:
                 raise HubError(f"the Hub refused the push to {repo_id} (HTTP {status}): {first_line(e)}") from None
             last = f"HTTP {status}: {first_line(e)}"
@@ -163,9 +161,7 @@ def validate_push(repo_id: str, *, token: str | None = None) -> str:
             f"cannot push to {repo_id}: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN"
         ) from None
     except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
-        if status in (401, 403):
-            raise HubError(_auth_message(repo_id, e)) from None
+        status = _status_unless_unauthorised(repo_id, e)
         raise HubError(f"cannot push to {repo_id}: the Hub answered HTTP {status} ({first_line(e)})") from None
     except (OSError, HTTPError) as e:  # connection errors
         raise HubError(
@@ -232,3 +228,11 @@ def _auth_message(repo_id: str, e: BaseException) -> str:
         f"not authorised to push to {repo_id}: log in with `hf auth login` or set HF_TOKEN to a token with write "
         f"access to that namespace ({first_line(e)})"
     )
+
+
+def _status_unless_unauthorised(repo_id: str, e: BaseException) -> int | None:
+    """The HTTP status of a Hub error (None without a response); 401/403 raise the not-authorised HubError."""
+    status = e.response.status_code if e.response is not None else None
+    if status in (401, 403):
+        raise HubError(_auth_message(repo_id, e)) from None
+    return status
