@@ -202,3 +202,18 @@ def test_fashion_mnist_local():
         for x in b[0][:, 0].long().sum(dim=(1, 2))
     ]
     assert sorted(seen) == sorted(full)
+
+
+def test_a_streamed_dataset_iterates_by_itself(tmp_path):
+    """``create_dataset(..., streaming=True)`` is a torch IterableDataset of decoded samples in the source's order
+    (``create_loader`` reads it through timm_icl.data.stream instead); an unusable image comes out as None."""
+    folder = make_parquet(tmp_path, n=5, size=8, bad=(3,))
+    dataset, info = create_dataset(str(folder), "train", image_size=8, streaming=True)
+    assert isinstance(dataset, torch.utils.data.IterableDataset) and info["streaming"] and info["num_classes"] == 5
+    samples = list(dataset)
+    assert samples[3] is None
+    assert [label for _, label in (s for s in samples if s is not None)] == [0, 1, 2, 4]
+    for i, sample in enumerate(samples):
+        if sample is not None:
+            image, _ = sample
+            assert image.dtype == torch.uint8 and image.shape == (3, 8, 8) and int(image[0].float().mean()) == 10 * i
