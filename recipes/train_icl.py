@@ -43,9 +43,11 @@ from tqdm.auto import tqdm
 import timm_icl
 from timm_icl import ICLTask, evaluate_robustness, parse_distortions
 from timm_icl.data import check_dataset_access, check_labels, create_loader
+from timm_icl.data.flags import add_data_args, image_size_of, resolve_data_args
 from timm_icl.data.stream import StreamBatch
+from timm_icl.distortions.plugins import load_distortion_plugins
 from timm_icl.loading import create_model as create_timm_model
-from timm_icl.loading import load_init_weights
+from timm_icl.loading import load_init_weights, weights_origin
 from timm_icl.train import checkpoint
 from timm_icl.train.batch import plan_batch
 from timm_icl.train.cache_build import build_target_cache, cache_preprocessing
@@ -55,6 +57,7 @@ from timm_icl.train.guard import NonFiniteGuard
 from timm_icl.train.run_files import keep_metrics
 from timm_icl.train.signals import StopSignals
 from timm_icl.train.tracking import flat_config, parse_trackers, tracker_init_kwargs
+from timm_icl.utils.launch import cpu_launch_mismatch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -66,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("-c", "--config", default=None, help="YAML file of defaults (flat keys = option names)")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=None,
+        metavar="MODULE",
+        help="import MODULE (or a .py file) first: its register_distortion calls make your kinds usable in "
+        "--distortions (installed packages: the 'timm_icl.distortions' entry-point group, no flag needed)",
+    )
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="vgg16", help="timm model name (ignored with a local-dir --init-checkpoint)")
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="timm weights")
@@ -78,42 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the dataset's)")
     group.add_argument("--drop", type=float, default=None, help="dropout rate (timm's drop_rate; vgg16: fc6/fc7)")
     group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (timm's drop_path_rate)")
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset",
-        default=HEADLINE_DATASET,
-        help="Hub id, local wds/parquet/image folder, or 'fashion-mnist' (default: ImageNet, the paper's; gated)",
-    )
-    group.add_argument("--train-split", default="train")
-    group.add_argument("--val-split", default="validation", help="'none' to skip validation")
-    group.add_argument("--image-column", default=None, help="default: detected")
-    group.add_argument("--label-column", default=None, help="default: detected")
-    group.add_argument(
-        "--streaming",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="stream the dataset (default: on for a Hub id, off for local data); resumes exactly (data.stream)",
-    )
-    group.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
-    group.add_argument(
-        "--crop-pct", type=float, default=None, help="resize to size/crop_pct, then centre-crop (default: the model's)"
-    )
-    group.add_argument("--interpolation", default=None, help="bilinear, bicubic, ... (default: the model's)")
+    group = add_data_args(parser, training=True)  # shared with timm-icl eval (timm_icl.data.flags)
     group.add_argument(
         "--train-transform",
         default="eval",
         choices=("eval", "timm"),
         help="training crops: 'eval' (the validation crop, deterministic; the paper's) or 'timm' (timm's random "
         "resized crop + flip + colour jitter); the reference always sees the student's clean crop",
-    )
-    group.add_argument(
-        "-j",
-        "--num-workers",
-        "--workers",
-        type=int,
-        default=None,
-        help="DataLoader workers per process (decode images; default 2, and 0 for in-memory Fashion-MNIST, where "
-        "moving float batches between processes costs more than it saves)",
     )
     group.add_argument("--max-train-samples", type=int, default=None, help="use only the first N training samples")
     group.add_argument("--train-samples-per-epoch", type=int, default=None, help="a random subset of N per epoch")
@@ -125,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--margin", type=float, default=1.0, help="activation-boundary margin")
     group.add_argument("--layers", default=None, help="comma-separated layers (default: the model's preset)")
     group.add_argument(
-        "--distortions",
-        default="paper",
-        help="training conditions: 'paper', 'small', 'imagenet-c-10', or registered kinds with severities, "
-        "e.g. 'noise:20,60,100 motion_blur:1,3,5 jpeg:1,3,5' (timm_icl.distortion_names())",
+        "--allow-random-reference",
+        action="store_true",
+        help="let icl/mse/ab constrain toward a frozen *random* network (--no-pretrained, no --init-checkpoint): an "
+        "experiment, not the method, which needs a trained reference; refused without this flag",
     )
     group.add_argument("--clean-fraction", type=float, default=0.0, help="share of training images left clean")
     group.add_argument(
@@ -205,8 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep-checkpoints", "--checkpoint-hist", type=int, default=3, help="rotation: newest N kept")
     group.add_argument("--resume", default=None, help="'latest' (of --output-dir) or a checkpoint folder")
     group.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the exported model")
+    group.add_argument(
+        "--license",
+        default=None,
+        help="licence id of the exported weights for the model card, e.g. 'apache-2.0' (default: none claimed; "
+        "the card asks for one; the base model's and the data's terms apply)",
+    )
     group.add_argument("--dry-run", action="store_true", help="print the resolved settings as YAML and exit")
     return parser
+
+
+REFERENCE_CONSTRAINTS = ("icl", "mse", "ab")  # constraints toward a frozen copy of the starting weights
 
 
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,6 +206,12 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     (:func:`timm_icl.train.config.parse_with_config`). A user's mistake ends the run with one line."""
     try:
         args = parse_with_config(build_parser(), argv)
+        try:
+            resolve_data_args(args, default_dataset=HEADLINE_DATASET)
+            load_distortion_plugins(args.imports)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        args.distortions = args.distortions or "paper"
         if args.constraint == "none":  # plain fine-tuning: lambda 0, whatever a shared config says
             args.constraint_weight = 0.0
         if args.amp and args.mixed_precision in (None, "no"):  # timm's --amp / --amp-dtype spelled accelerate's way
@@ -222,6 +220,22 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
             args.log_with = ",".join(parse_trackers(args.log_with, args.log_wandb)) or None
         except ValueError as e:
             raise SettingsError(str(e)) from None
+        if (
+            args.constraint in REFERENCE_CONSTRAINTS
+            and not args.pretrained
+            and not args.init_checkpoint
+            and not args.allow_random_reference
+        ):
+            raise SettingsError(
+                f"--constraint {args.constraint} with --no-pretrained and no --init-checkpoint would constrain toward "
+                "a frozen random network: start from trained weights (--pretrained, --init-checkpoint PATH), use "
+                "--constraint none or jsd, or pass --allow-random-reference for an experiment"
+            )
+        if args.num_classes is not None and args.num_classes < 1:
+            raise SettingsError(
+                f"--num-classes {args.num_classes}: training needs a classifier (timm's 0 means none, for features); "
+                "leave it out for the dataset's number of classes"
+            )
         if args.opt.lower() not in timm.optim.list_optimizers():
             raise SettingsError(f"--opt {args.opt!r} is not a timm optimizer; see timm.optim.list_optimizers()")
         check_values(args)
@@ -347,10 +361,14 @@ def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, wor
     data_config = or_exit(
         resolve_preprocessing,
         model,
-        image_size=args.image_size,
+        image_size=image_size_of(args),
         crop_pct=args.crop_pct,
         interpolation=args.interpolation,
+        mean=args.mean,
+        std=args.std,
     )
+    if args.mean is not None or args.std is not None:  # the task, validation and export normalise with these
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": data_config["mean"], "std": data_config["std"]}
     image_size = data_config["input_size"][-1]
     loader_kwargs = dict(
         data_config=data_config,
@@ -388,14 +406,27 @@ def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, wor
 
 
 def fit_head(args: argparse.Namespace, model: torch.nn.Module, num_classes: int | None, say) -> None:
-    """Give the model the dataset's number of classes (a fresh head), unless it starts from a local checkpoint."""
+    """The classifier's size: ``--num-classes`` when given (it must cover the dataset's labels), else the
+    dataset's. A head of another size than the starting weights' is a fresh one, said once."""
+    if args.num_classes is not None:
+        if num_classes and args.num_classes < num_classes:
+            sys.exit(
+                f"error: --num-classes {args.num_classes} but the dataset has {num_classes} classes (labels up to "
+                f"{num_classes - 1}): pass --num-classes {num_classes} or more, or leave it out"
+            )
+        start = model.pretrained_cfg.get("num_classes")
+        if model.num_classes != args.num_classes:
+            model.reset_classifier(args.num_classes)
+        if (args.pretrained or args.init_checkpoint) and start and start != args.num_classes:
+            say(f"a fresh {args.num_classes}-class head (--num-classes; the starting weights have {start} classes)")
+        return
     if num_classes and model.num_classes != num_classes:
         if args.init_checkpoint is not None:
             sys.exit(
                 f"error: the checkpoint predicts {model.num_classes} classes but the dataset has {num_classes}: "
                 f"pass --num-classes {num_classes} to train a fresh head on top of the checkpoint"
             )
-        say(f"resetting the {model.num_classes}-class head to the dataset's {num_classes} classes")
+        say(f"a fresh {num_classes}-class head for the dataset (the starting weights have {model.num_classes} classes)")
         model.reset_classifier(num_classes)
 
 
@@ -731,7 +762,9 @@ def validate(run: Run, epoch: int) -> dict | None:
             per_image=False,
             progress=False,
         )
-        evaluated["split"] = run.args.val_split  # the model card's model-index names the evaluated split
+        # the model card's model-index names the evaluated split, and a subset as what it is: "test[:500]"
+        subset = run.args.max_val_samples
+        evaluated["split"] = run.args.val_split + (f"[:{subset}]" if subset is not None else "")
         prefix, summary = ("val_ema" if ema else "val"), evaluated["summary"]
         line = "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None)
         run.say(f"epoch {epoch}{' (EMA)' if ema else ''}: {line}")
@@ -886,6 +919,14 @@ def export(run: Run, results: dict | None) -> Path | None:
         from timm_icl.hub import export_model
 
         init = run.init
+        origin, base_model, start_text = weights_origin(
+            task.get_eval_model(), pretrained=args.pretrained and init is None, init_checkpoint=init
+        )
+        uses_reference = args.constraint in REFERENCE_CONSTRAINTS
+        label_names = run.data.train_info.get("class_names")
+        num_classes = task.get_eval_model().num_classes
+        if label_names and len(label_names) < num_classes:  # --num-classes above the dataset's: unused outputs
+            label_names = [*label_names, *(f"unused_{i}" for i in range(len(label_names), num_classes))]
         icl_config = {
             "method": args.constraint,
             "lambda": task.constraint_weight,
@@ -893,7 +934,13 @@ def export(run: Run, results: dict | None) -> Path | None:
             "layers": list(task.layers),
             "distortions": task.sampler.distortions.to_text(),
             "clean_fraction": args.clean_fraction,
-            "reference_model": str(init) if init is not None else (args.model if args.pretrained else None),
+            "weights_origin": origin,
+            "starting_weights": start_text,
+            "reference": (
+                ("a frozen copy of the starting weights" + (" (random: an experiment)" if origin == "random" else ""))
+                if uses_reference
+                else None
+            ),
             "epochs": args.epochs,
             "steps": run.position["step"],
             "epochs_completed": (
@@ -909,8 +956,9 @@ def export(run: Run, results: dict | None) -> Path | None:
             results=results,
             model_name=run.run_dir.name,
             dataset=args.dataset,
-            base_model=args.model if args.pretrained and init is None else None,
-            label_names=run.data.train_info.get("class_names"),
+            base_model=base_model,
+            license=args.license,
+            label_names=label_names,
             data_config=run.data.data_config,  # the crops training and validation used
         )
         run.say(f"model exported to {exported} (timm.create_model('local-dir:{exported}', pretrained=True))")
@@ -922,8 +970,9 @@ def export(run: Run, results: dict | None) -> Path | None:
                 results=run.ema_results,
                 model_name=f"{run.run_dir.name}-ema",
                 dataset=args.dataset,
-                base_model=args.model if args.pretrained and init is None else None,
-                label_names=run.data.train_info.get("class_names"),
+                base_model=base_model,
+                license=args.license,
+                label_names=label_names,
                 data_config=run.data.data_config,
             )
             run.say(f"EMA weights exported to {ema_folder}")
@@ -942,6 +991,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """Run the whole job; returns the exit code (0 finished, 130 stopped by Ctrl-C). ``callbacks``: objects with any
     of ``on_batch(run, batch, weight)``, ``on_step_end(run)``, ``on_epoch_end(run, epoch)`` (tests, tools)."""
     args = parse_settings(argv)
+    mismatch = cpu_launch_mismatch()
+    if mismatch and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"warning: {mismatch}", file=sys.stderr, flush=True)
     if args.dry_run:
         print(yaml.safe_dump(vars(args), sort_keys=False), end="")
         return 0

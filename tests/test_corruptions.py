@@ -410,7 +410,16 @@ def test_recipe_trains_and_validates_on_camera_corruptions(tmp_path):
 
     out = tmp_path / "run"
     text = "noise:20,60,100 motion_blur:1,3,5 jpeg:1,3,5"
-    argv = ["--model", "vgg_tiny", "--no-pretrained", "--dataset", "fashion-mnist", "--val-split", "test"]
+    argv = [
+        "--model",
+        "vgg_tiny",
+        "--no-pretrained",
+        "--allow-random-reference",
+        "--dataset",
+        "fashion-mnist",
+        "--val-split",
+        "test",
+    ]
     argv += ["--max-train-samples", "32", "--max-val-samples", "8", "--batch-size", "8", "--num-workers", "0"]
     argv += ["--distortions", text, "--epochs", "1", "--output-dir", str(out)]
     assert train_icl.main(argv) == 0

@@ -22,6 +22,7 @@ def test_recipe_eval_and_cli_eval_see_the_same_images(tmp_path):
     distortions = "noise:30,90 blur:1"
     args = [
         "--model", "vgg_tiny", "--no-pretrained", "--dataset", str(dataset), "--val-split", "train",
+        "--allow-random-reference",
         "--image-size", "32", "--crop-pct", "0.8", "--interpolation", "bicubic", "--train-transform", "timm",
         "--batch-size", "4", "--num-workers", "0", "--epochs", "1", "--lr", "0.05", "--seed", "3",
         "--distortions", distortions, "--output-dir", str(out),

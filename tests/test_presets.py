@@ -133,7 +133,7 @@ def test_layers_hint_pasted_into_the_recipe_runs(capsys):
     assert hint.startswith("* default preset (ResNet): --layers ")
     flag, value = hint.split(": ", 1)[1].split(" ")  # one value, as the recipe parses it
     args = train_icl.parse_settings(
-        ["--model", "test_resnet", "--no-pretrained", flag, value, "--distortions", "small"]
+        ["--model", "test_resnet", "--no-pretrained", "--allow-random-reference", flag, value, "--distortions", "small"]
     )
     model = timm.create_model("test_resnet", num_classes=5)
     task = train_icl.create_task(args, model, 0, torch.device("cpu"))

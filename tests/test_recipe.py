@@ -28,6 +28,7 @@ def script_for(args) -> Path:
 
 COMMON = [
     "--model", "vgg_tiny", "--no-pretrained", "--val-split", "train", "--batch-size", "4", "--lr", "0.05",
+    "--allow-random-reference",
     "--distortions", "noise:30,90 blur:1,2", "--num-workers", "0", "--log-every", "1",
 ]  # fmt: skip
 

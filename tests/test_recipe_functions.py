@@ -16,6 +16,7 @@ import train_icl  # noqa: E402
 
 TINY = [
     "--model", "vgg_tiny", "--no-pretrained", "--dataset", "fashion-mnist", "--val-split", "test",
+    "--allow-random-reference",
     "--max-train-samples", "48", "--max-val-samples", "16", "--batch-size", "8", "--num-workers", "0",
     "--distortions", "noise:30 blur:1", "--log-every", "2",
 ]  # fmt: skip
@@ -125,9 +126,12 @@ def test_init_checkpoint_with_another_head_says_what_to_do(tmp_path):
 
     args = train_icl.parse_settings(["--model", "vgg_tiny", "--init-checkpoint", str(weights), "--num-classes", "7"])
     model, _, _ = train_icl.create_model(args)
-    with pytest.raises(SystemExit) as e:  # a dataset of 4 classes
+    train_icl.fit_head(args, model, 4, print)  # a dataset of 4 classes: --num-classes 7 is respected
+    assert model.num_classes == 7
+    args = train_icl.parse_settings(["--model", "vgg_tiny", "--init-checkpoint", str(weights), "--num-classes", "3"])
+    with pytest.raises(SystemExit) as e:  # fewer outputs than the dataset's classes
         train_icl.fit_head(args, model, 4, print)
-    assert "--num-classes 4" in str(e.value)
+    assert "--num-classes 3 but the dataset has 4 classes" in str(e.value)
 
     args = train_icl.parse_settings(["--model", "test_resnet", "--init-checkpoint", str(weights)])
     with pytest.raises(SystemExit) as e:

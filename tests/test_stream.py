@@ -181,6 +181,7 @@ def test_recipe_killed_mid_epoch_resumes_the_stream_exactly(tmp_path, world):
         _relabel(data / "train" / f"imagenet1k-train-{s:04d}.tar", start=12 * s)
     batch = 4 if world == 1 else 2  # 12 steps per epoch either way
     args = ["--model", "vgg_tiny", "--no-pretrained", "--num-classes", "48", "--dataset", str(data), "--streaming",
+            "--allow-random-reference",
             "--val-split", "none", "--batch-size", str(batch), "--lr", "0.05", "--distortions", "noise:30,90 blur:1,2",
             "--num-workers", "0", "--log-every", "1", "--epochs", "2", "--image-size", "32", "--sched", "constant",
             "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "14", "--log-labels"]  # fmt: skip
@@ -267,6 +268,7 @@ def test_recipe_resumed_after_one_ranks_last_shard_gives_the_same_weights(tmp_pa
     same size keeps the collectives and the random draws in step."""
     data = make_wds(tmp_path / "wds", n_shards=3, per_shard=12, num_classes=3)
     args = ["--model", "vgg_tiny", "--no-pretrained", "--num-classes", "3", "--dataset", str(data), "--streaming",
+            "--allow-random-reference",
             "--val-split", "none", "--batch-size", "4", "--num-workers", "0", "--image-size", "32", "--epochs", "2",
             "--log-every", "1", "--distortions", "noise:30,90 blur:1,2"]  # fmt: skip
     for out, extra in (("full", []), ("stopped", ["--stop-after-steps", "5"]), ("stopped", ["--resume", "latest"])):

@@ -124,6 +124,7 @@ def test_concatenate_refuses_parts_of_other_weights(wds):
 
 def test_the_recipe_refuses_random_training_crops_and_map_style_data(wds, tmp_path):
     base = ["--model", "vgg_tiny", "--no-pretrained", "--num-classes", "3", "--dataset", str(wds), "--streaming",
+            "--allow-random-reference",
             "--val-split", "none", "--batch-size", "4", "--num-workers", "0", "--image-size", "32",
             "--distortions", "noise:30,90 blur:1,2", "--reference-targets", "cache"]  # fmt: skip
     with pytest.raises(SystemExit, match="training crops are random"):

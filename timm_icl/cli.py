@@ -32,7 +32,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Defaults shown once: not appended where the help already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        skip = "default" in text.lower() or action.default is None or action.default is False or action.default == []
+        if skip or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -48,9 +55,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .data import create_loader, is_fashion_mnist
     except ImportError:
         raise ValueError("timm_icl.data is not available in this installation; cannot read datasets") from None
+    from .data.flags import image_size_of, resolve_data_args
     from .data.preprocess import resolve_preprocessing
     from .distortions import parse_distortions
 
+    resolve_data_args(args)
+    run = _run_defaults(args.model)
+    said = []  # what came from the run, said on stderr
+    if args.distortions is None:
+        args.distortions = run.get("distortions") or "paper"
+        if run.get("distortions"):
+            said.append(f"distortions {args.distortions!r} (the run's own, {run['distortions_from']})")
+    if args.dataset is None:
+        if not run.get("dataset"):
+            raise ValueError("no dataset: pass --dataset NAME (fashion-mnist, a Hub id, hfds/...) or a data DIR")
+        args.dataset = run["dataset"]
+        said.append(f"dataset {args.dataset} ({run['dataset_from']})")
+    if args.val_split is None and run.get("val_split") and args.dataset == run.get("dataset"):
+        args.val_split = run["val_split"]
+        said.append(f"split {args.val_split} (the run's validation split)")
     distortions = parse_distortions(args.distortions)  # fail on a typo before loading model and data
     baseline = load_results(args.baseline) if args.baseline else None  # and on a missing baseline file
     from .loading import create_model
@@ -59,7 +82,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = create_model(args.model, pretrained=not args.no_pretrained, **kwargs)
     # the model's own eval view (an exported model: what its training used, from config.json), overridable
     data_config = resolve_preprocessing(
-        model, image_size=args.image_size, crop_pct=args.crop_pct, interpolation=args.interpolation
+        model,
+        image_size=image_size_of(args),
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
+        mean=args.mean,
+        std=args.std,
     )
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch` / torchrun: shard, sum counts
@@ -72,15 +100,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     loader_kwargs = dict(
         data_config=data_config,
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers or 0,
         max_samples=args.max_samples,
         image_column=args.image_column,
         label_column=args.label_column,
-        streaming=True if args.streaming else None,
+        streaming=args.streaming,
         rank=rank,
         world_size=world,
     )
-    split = args.split
+    split = args.val_split
     if split is None:  # validation when the dataset has one (ImageNet's test split has no labels), else test
         split = "test" if is_fashion_mnist(args.dataset) else "validation"
         try:
@@ -92,11 +120,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             loader, info = create_loader(args.dataset, split, **loader_kwargs)
     else:
         loader, info = create_loader(args.dataset, split, **loader_kwargs)
-    if rank == 0 and not args.quiet:
+    if rank == 0:
         size = "x".join(str(s) for s in data_config["input_size"][1:])
+        crop_from = " (the model's config.json: the crops its training used)" if run.get("is_export") else ""
+        for line in said:
+            print(f"{line}; pass the flag to change it", file=sys.stderr)
         print(
             f"split {info['split']}; crop {size}, crop_pct {data_config['crop_pct']:g}, "
-            f"{data_config['interpolation']}, {data_config['crop_mode']}",
+            f"{data_config['interpolation']}, {data_config['crop_mode']}{crop_from}",
             file=sys.stderr,
         )
     if info.get("num_classes") and info["num_classes"] > model.num_classes:
@@ -113,6 +144,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model,
         loader,
         distortions,
+        mean=data_config["mean"],
+        std=data_config["std"],
         seed=args.seed,
         device=device,
         accelerator=accelerator,
@@ -143,6 +176,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         plot_accuracy_vs_sigma({name: results}, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
+
+
+def _run_defaults(model: str) -> dict:
+    """What a run folder or exported folder says about how it was trained: ``distortions`` (validation's, else
+    training's), ``dataset`` and ``val_split`` (config.yaml of a run folder; config.json records a Hub or
+    Fashion-MNIST dataset, never a local path), with where each came from. Empty for a timm name."""
+    import yaml
+
+    path = Path(model.split(":", 1)[1] if model.startswith("local-dir:") else model)
+    if not path.is_dir():
+        return {}
+    out: dict = {}
+    for folder in (path, path / "model"):
+        if (folder / "config.json").is_file():
+            icl = json.loads((folder / "config.json").read_text()).get("icl") or {}
+            out["is_export"] = True
+            if icl.get("distortions"):
+                out.update(distortions=icl["distortions"], distortions_from=f"{folder / 'config.json'}")
+            if icl.get("dataset") and icl.get("dataset_source", "hub") in ("hub", "fashion-mnist"):
+                out.update(dataset=icl["dataset"], dataset_from=f"{folder / 'config.json'}")
+            break
+    for folder in (path, path.parent):
+        config_path = folder / "config.yaml"
+        if config_path.is_file():
+            config = yaml.safe_load(config_path.read_text()) or {}
+            chosen = config.get("val_distortions") or config.get("distortions")
+            if chosen:
+                out.update(distortions=chosen, distortions_from=str(config_path))
+            if config.get("dataset"):
+                out.update(dataset=config["dataset"], dataset_from=str(config_path))
+            if config.get("val_split") and str(config["val_split"]).lower() != "none":
+                out["val_split"] = config["val_split"]
+            break
+    return out
 
 
 def _display_name(model: str) -> str:
@@ -256,6 +323,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         results[name] = loaded
     if args.baseline is not None and args.baseline not in results:
         raise ValueError(f"--baseline {args.baseline!r} is not one of the runs: {', '.join(results)}")
+    problem = _incomparable(results)
+    if problem and not args.force:
+        raise ValueError(f"{problem}: the numbers are not on the same images and conditions (--force to compare)")
+    if problem:
+        print(f"warning: {problem} (compared anyway: --force)", file=sys.stderr)
     text = (
         format_table(results)
         + "\n\n"
@@ -270,6 +342,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _incomparable(results: dict[str, dict]) -> str | None:
+    """Why these results cannot be compared image for image (another dataset, split, sample count or distortion set),
+    or None. Another noise seed is allowed: the images and conditions are the same."""
+    checks = (
+        ("dataset", lambda r: r.get("dataset")),
+        ("split", lambda r: r.get("split")),
+        ("sample count", lambda r: r.get("num_samples")),
+        ("distortion set", lambda r: ",".join(sorted(r.get("conditions", {})))),
+    )
+    for what, get in checks:
+        values = {name: get(r) for name, r in results.items()}
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
+            shown = ", ".join(f"{name}: {v}" for name, v in values.items())
+            return f"the results differ in {what} ({shown})"[:400]
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # push
 # ---------------------------------------------------------------------------------------------------------------------
@@ -282,11 +371,33 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def _add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (or a .py file) first: its register_distortion calls make your kinds usable here; "
+        "installed packages use the 'timm_icl.distortions' entry-point group instead (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .data.flags import add_data_args
+
     parser = _Parser(prog="timm-icl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"timm-icl {__version__}")
+    parser.add_argument(
+        "--import",
+        dest="imports_main",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (or a .py file) first, e.g. one that registers distortions (repeatable)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -302,33 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
         "  timm-icl eval runs/icl --dataset fashion-mnist --distortions imagenet-c-10 --baseline plain.json",
     )
     p.add_argument("model", help="timm name, hf-hub:ORG/NAME, local-dir:PATH, or a recipe run folder")
-    p.add_argument("--dataset", required=True, help="fashion-mnist, a Hub dataset id, or a local folder/parquet path")
-    p.add_argument(
-        "--split", default=None, help="default: validation when the dataset has one, else test (printed on stderr)"
-    )
-    p.add_argument(
-        "--distortions",
-        default="paper",
-        help="'paper', 'imagenet-c', 'imagenet-c-10' (ImageNet-C's camera corruptions rendered here, 5 levels), "
-        "'small' (28 px), or registered kinds, e.g. 'noise:20,40 blur:2,4 shot_noise:1,3,5 jpeg_quality:20,50'",
-    )
+    add_data_args(p, training=False)  # the recipe's data flags, the same words (timm_icl.data.flags)
     p.add_argument(
         "--baseline",
         default=None,
         metavar="RESULTS.json",
         help="a baseline model's results on the same set (-o of an earlier eval): print corruption errors and mCE",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N images")
-    p.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
+    p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument(
-        "--crop-pct", type=float, default=None, help="resize to size/crop_pct, centre crop; default: the model's"
+        "--max-samples", "--max-val-samples", type=int, default=None, help="evaluate only the first N images"
     )
-    p.add_argument("--interpolation", default=None, help="bilinear, bicubic, ...; default: the model's")
-    p.add_argument("--image-column", default=None)
-    p.add_argument("--label-column", default=None)
-    p.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
+    _add_import(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same numbers)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--num-classes", type=int, default=None, help="head size for --no-pretrained models")
@@ -366,7 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", help="an image file (jpg, png, ...)")
     p.add_argument("-o", "--output", default="distortions.png")
-    p.add_argument("--distortions", default="paper")
+    p.add_argument(
+        "--distortions", default="paper", help="a named set or registered kinds with severities (default: 'paper')"
+    )
+    _add_import(p)
     p.add_argument("--size", type=int, default=224, help="resize shorter side and centre-crop to SIZE px")
     p.add_argument("--crop-pct", type=float, default=1.0, help="resize the shorter side to SIZE/CROP_PCT first")
     p.add_argument("--interpolation", default="bicubic")
@@ -387,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-condition", action="store_true", help="also test each condition (McNemar)")
     p.add_argument("-o", "--output", default=None, help="also write the Markdown here")
     p.add_argument("--plot", default=None, help="write a PNG of accuracy against sigma, one line per run")
+    p.add_argument(
+        "--force", action="store_true", help="compare results of different datasets, splits, sizes or distortions"
+    )
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
@@ -411,6 +513,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from .distortions.plugins import load_distortion_plugins
+        from .utils.launch import cpu_launch_mismatch
+
+        load_distortion_plugins([*args.imports_main, *getattr(args, "imports", [])])
+        mismatch = cpu_launch_mismatch()
+        if mismatch and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"timm-icl: warning: {mismatch}", file=sys.stderr)
         return args.func(args)
     except KeyboardInterrupt:
         print("timm-icl: interrupted", file=sys.stderr)

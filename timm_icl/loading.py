@@ -11,7 +11,7 @@ import torch
 
 from .utils.errors import first_line
 
-__all__ = ["resolve_model_spec", "create_model", "load_init_weights"]
+__all__ = ["resolve_model_spec", "create_model", "load_init_weights", "hub_id_of_pretrained_cfg", "weights_origin"]
 
 _PREFIXES = ("hf-hub:", "local-dir:", "hf_hub:")
 
@@ -52,7 +52,70 @@ def create_model(model: str, *, pretrained: bool, **kwargs: Any) -> torch.nn.Mod
             raise ValueError(
                 f"cannot load model {model!r}: {where} is damaged or truncated ({first_line(e)})"
             ) from None
+        if pretrained and _is_hub_error(e):  # offline, unreachable, gated or missing weights: say what works here
+            raise ValueError(
+                f"cannot load the pretrained weights of {model!r} from the Hub ({type(e).__name__}: offline or "
+                "unreachable?); start from local weights (--init-checkpoint PATH: a .safetensors state dict or a timm "
+                "folder saved with save_pretrained/save_for_hf; or MODEL local-dir:PATH) or pass --no-pretrained "
+                "for random weights"
+            ) from None
         raise ValueError(f"cannot load model {model!r} ({first_line(e, with_type=True)})") from None
+
+
+def _is_hub_error(e: BaseException) -> bool:
+    """An error of reaching the Hub or its cache (not of the model itself)."""
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    except ImportError:  # older huggingface_hub
+        return isinstance(e, OSError)
+    hub = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
+    return isinstance(e, hub) or "huggingface" in str(e).lower() or "hub" in type(e).__module__.lower()
+
+
+def hub_id_of_pretrained_cfg(pretrained_cfg: dict | None) -> str | None:
+    """The Hub repository of the weights a ``pretrained_cfg`` describes: its ``hf_hub_id`` (set by timm for Hub
+    weights), else timm's registry entry for ``architecture.tag`` (timm's ``save_pretrained`` drops
+    ``hf_hub_id`` but keeps both). None for weights timm does not know (an untrained model, our own exports)."""
+    cfg = dict(pretrained_cfg or {})
+    if cfg.get("hf_hub_id"):
+        return str(cfg["hf_hub_id"])
+    architecture, tag = cfg.get("architecture"), cfg.get("tag")
+    if not architecture or not tag:
+        return None
+    try:
+        from timm.models import get_pretrained_cfg
+
+        known = get_pretrained_cfg(f"{architecture}.{tag}")
+    except Exception:  # unknown names: nothing to claim
+        return None
+    return getattr(known, "hf_hub_id", None) if known is not None else None
+
+
+def weights_origin(
+    model: torch.nn.Module, *, pretrained: bool, init_checkpoint: str | Path | None
+) -> tuple[str, str | None, str]:
+    """Where the starting weights (and so ICL's frozen reference) came from, for config.json and the card:
+    ``(origin, base_model, text)``. ``origin`` is ``"pretrained"`` (timm's Hub weights), ``"init-checkpoint"``
+    (local weights) or ``"random"``; ``base_model`` the Hub id they derive from when known (a local timm folder:
+    its own record, or timm's registry entry for its ``architecture.tag``); ``text`` says it in words, without
+    local paths."""
+    if init_checkpoint is not None:
+        path = Path(init_checkpoint)
+        base = None
+        config_path = path / "config.json" if path.is_dir() else None
+        if config_path is not None and config_path.is_file():
+            import json
+
+            config = json.loads(config_path.read_text())
+            pcfg = {"architecture": config.get("architecture"), **(config.get("pretrained_cfg") or {})}
+            base = (config.get("icl") or {}).get("base_model") or hub_id_of_pretrained_cfg(pcfg)
+        if base:
+            return "init-checkpoint", base, f"local weights (`--init-checkpoint`) derived from `{base}`"
+        return "init-checkpoint", None, "local weights (`--init-checkpoint`; no Hub weights timm knows behind them)"
+    if pretrained:
+        base = hub_id_of_pretrained_cfg(getattr(model, "pretrained_cfg", None))
+        return "pretrained", base, f"the pretrained timm weights `{base}`" if base else "timm's pretrained weights"
+    return "random", None, "a random initialisation (no pretrained weights, no `--init-checkpoint`)"
 
 
 def load_init_weights(model: torch.nn.Module, path: str | Path, *, new_head: bool) -> None:

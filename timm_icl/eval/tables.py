@@ -63,13 +63,22 @@ def format_table(
             for name, c in res["conditions"].items():
                 merged.setdefault(name, c)
     columns = [n for n in sort_conditions(merged) if merged[n]["kind"] != "clean"]
-    header = ["method", "clean", "noise mean", "blur mean"] + columns
+    # every other kind (ImageNet-C's, registered ones) gets its mean column too, in the conditions' order
+    extra = list(dict.fromkeys(merged[n]["kind"] for n in columns if merged[n]["kind"] not in ("noise", "blur")))
+    header = ["method", "clean", "noise mean", "blur mean"] + [f"{k} mean" for k in extra] + columns
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
     scale = 100.0 if percent else 1.0
     for method, value in results_by_name.items():
         runs = as_runs(value)
         summaries = [summarize(r["conditions"], metric) for r in runs]
         cells = [method] + [_cell_mean_std([s[g] for s in summaries], digits, scale, True) for g in GROUPS]
+        for kind in extra:
+            means = []
+            for r in runs:
+                values = [c.get(metric) for c in r["conditions"].values() if c["kind"] == kind]
+                values = [v for v in values if v is not None]
+                means.append(sum(values) / len(values) if values else None)
+            cells.append(_cell_mean_std(means, digits, scale, True))
         for name in columns:
             values = [r["conditions"][name].get(metric) if name in r["conditions"] else None for r in runs]
             cells.append(_cell_mean_std(values, digits, scale, False))

@@ -19,7 +19,15 @@ from typing import Any
 from ..data import hub_dataset_id, is_fashion_mnist
 from ..eval.tables import format_table
 
-__all__ = ["render_model_card", "card_template", "RESULTS_NAME", "PLOT_NAME"]
+__all__ = [
+    "render_model_card",
+    "card_template",
+    "hub_dataset_id",
+    "describe_dataset",
+    "condition_label",
+    "RESULTS_NAME",
+    "PLOT_NAME",
+]
 
 #: The files of an exported folder that the card reads besides config.json.
 RESULTS_NAME = "eval_results.json"
@@ -50,29 +58,79 @@ _METHODS = {
 }
 
 
-def _eval_results(results: Mapping[str, Any], dataset: str | None, dataset_name: str) -> list:
+def condition_label(name: str, cond: Mapping[str, Any]) -> str:
+    """A condition in words for a metric name: ``clean``, ``gaussian noise sigma 30 (0-255)``, ``gaussian blur sigma
+    2 px``, ``jpeg level 3``."""
+    kind, sigma = cond.get("kind", name), cond.get("sigma")
+    if kind == "clean":
+        return "clean"
+    if kind == "noise":
+        return f"gaussian noise sigma {sigma:g} (0-255)"
+    if kind == "blur":
+        return f"gaussian blur sigma {sigma:g} px"
+    return f"{kind} level {sigma:g}" if sigma is not None else str(kind)
+
+
+def _eval_results(results: Mapping[str, Any], dataset_type: str, dataset_name: str) -> list:
+    """One model-index result (task + dataset + split) whose metrics are the conditions: ``top-1 accuracy, clean``,
+    ``top-1 accuracy, gaussian noise sigma 30 (0-255)``, ... (``metric_config`` = the condition's name)."""
     from huggingface_hub import EvalResult
 
     out = []
+    common = dict(
+        task_type="image-classification",
+        task_name="Image Classification",
+        dataset_type=dataset_type,
+        dataset_name=dataset_name,
+        dataset_split=results.get("split"),  # as evaluated: "test[:500]" for the first 500 images
+    )
     for name, cond in results["conditions"].items():
-        # dataset_config carries the condition: the Hub groups metrics into one result per (task, dataset, config)
-        common = dict(
-            task_type="image-classification",
-            task_name="Image Classification",
-            dataset_type=dataset,
-            dataset_name=f"{dataset_name} ({name})",
-            dataset_config=name,
-            dataset_split=results.get("split"),  # the split that was evaluated (None: not recorded)
-            dataset_args={"distortion": cond["kind"], "sigma": cond["sigma"]},
-        )
-        out.append(
-            EvalResult(metric_type="accuracy", metric_name="top-1 accuracy", metric_value=cond["top1"], **common)
-        )
-        if cond.get("top5") is not None:
+        label = condition_label(name, cond)
+        for metric in ("top1", "top5"):
+            if cond.get(metric) is None:
+                continue
             out.append(
-                EvalResult(metric_type="accuracy", metric_name="top-5 accuracy", metric_value=cond["top5"], **common)
+                EvalResult(
+                    metric_type="accuracy",
+                    metric_name=f"top-{metric[-1]} accuracy, {label}",
+                    metric_config=name,
+                    metric_value=cond[metric],
+                    **common,
+                )
             )
     return out
+
+
+def describe_dataset(spec: str | None) -> dict[str, Any]:
+    """What a card may say about a dataset spec, without local paths: ``{"name", "source", "hub_id"}``. ``source``
+    is ``"hub"``, ``"fashion-mnist"`` (the local IDX files of the Hub's dataset), ``"webdataset"``, ``"parquet"``,
+    ``"imagefolder"`` or ``"local"``; ``name`` a Hub id or a local folder's own name."""
+    if not spec:
+        return {"name": None, "source": None, "hub_id": None}
+    if is_fashion_mnist(spec):
+        return {"name": "Fashion-MNIST", "source": "fashion-mnist", "hub_id": hub_dataset_id(spec)}
+    hub_id = hub_dataset_id(spec)
+    if hub_id is not None:
+        return {"name": hub_id, "source": "hub", "hub_id": hub_id}
+    path = Path(spec).expanduser()
+    name = path.resolve().name if path.exists() else path.name
+    source = "local"
+    if path.is_dir():
+        if any(path.rglob("*.tar")):
+            source = "webdataset"
+        elif any(path.rglob("*.parquet")):
+            source = "parquet"
+        else:
+            source = "imagefolder"
+    return {"name": name or "local data", "source": source, "hub_id": None}
+
+
+_SOURCE_WORDS = {
+    "webdataset": "a local webdataset (tar shards)",
+    "parquet": "local parquet files",
+    "imagefolder": "a local image folder",
+    "local": "local data",
+}
 
 
 def render_model_card(
@@ -95,10 +153,14 @@ def render_model_card(
     results_path = folder / RESULTS_NAME
     results = json.loads(results_path.read_text()) if results_path.exists() else None
     model_name = icl.get("model_name") or folder.resolve().name
-    dataset = icl.get("dataset")
-    dataset_name = "Fashion-MNIST" if is_fashion_mnist(dataset) else dataset or "evaluation set"
-    # a Hub dataset id or nothing: a local path stays in config.json's icl block, never in the metadata
-    dataset_id = icl["dataset_hub_id"] if "dataset_hub_id" in icl else hub_dataset_id(dataset)
+    source = icl.get("dataset_source")
+    local_data = source not in (None, "hub", "fashion-mnist")
+    # an export records a local folder by its name only (dataset_source says what it is); older ones: the spec
+    described = describe_dataset(icl.get("dataset")) if not local_data else {"name": icl.get("dataset")}
+    dataset_id = icl["dataset_hub_id"] if "dataset_hub_id" in icl else described.get("hub_id")
+    source = source or described.get("source")
+    local_data = source not in (None, "hub", "fashion-mnist")
+    dataset_name = described.get("name") or "evaluation set"
     base_model = icl.get("base_model")
     if base_model and base_model.startswith("hf-hub:"):
         base_model = base_model[len("hf-hub:") :]
@@ -106,22 +168,43 @@ def render_model_card(
         base_model = _hub_id_of_timm_name(base_model) or base_model  # "vgg16" -> "timm/vgg16.tv_in1k"
     method = (icl.get("method") or "icl").lower()
     method_title, method_text = _METHODS.get(method, (method, ""))
-    tags = ["timm", "image-classification", "robustness", "gaussian-noise", "gaussian-blur", "timm-icl"]
+    tags = ["timm", "image-classification", "robustness", "timm-icl"]
+    kinds = (results or {}).get("conditions", {})
+    for kind in sorted({c.get("kind") for c in kinds.values()} - {"clean", None}):
+        tags.append({"noise": "gaussian-noise", "blur": "gaussian-blur"}.get(kind, kind.replace("_", "-")))
     if method == "icl":
         tags.append("intermediate-constraint-loss")
+    license_id = icl.get("license")  # only what the exporter stated; never the architecture's tag
     card_data = ModelCardData(
         library_name="timm",
         model_name=model_name,
         base_model=base_model if base_model and "/" in base_model else None,
         datasets=[dataset_id] if dataset_id else None,
-        license=icl.get("license") or config.get("pretrained_cfg", {}).get("license"),
+        license=license_id,
         pipeline_tag="image-classification",
         tags=tags,
         metrics=["accuracy"] if results else None,
-        eval_results=_eval_results(results, dataset_id, dataset_name) if results and dataset_id else None,
-    )
+        eval_results=(
+            _eval_results(results, dataset_id or source or "local", dataset_name if not local_data else
+                          f"{dataset_name} ({_SOURCE_WORDS.get(source, 'local data')}, not on the Hub)")
+            if results
+            else None
+        ),
+    )  # fmt: skip
     length_keys = ("epochs", "steps", "epochs_completed")
-    skip = ("model_name", "dataset", "dataset_hub_id", "base_model", "license", "method", *length_keys)
+    skip = (
+        "model_name",
+        "dataset",
+        "dataset_hub_id",
+        "dataset_source",
+        "base_model",
+        "license",
+        "method",
+        "starting_weights",
+        "weights_origin",
+        "reference",
+        *length_keys,
+    )
     hyperparameters = [("method", method)] + [(k, _format_value(v)) for k, v in icl.items() if k not in skip]
     if any(k in icl for k in length_keys):
         hyperparameters.append(("training length", _training_length(icl)))
@@ -129,12 +212,26 @@ def render_model_card(
     input_size = pcfg.get("input_size", [3, 224, 224])
     eval_text = ""
     if results:
+        split = results.get("split")
         eval_text = (
-            f"Top-1 accuracy on {dataset_name} ({results.get('num_samples', '?')} images), clean and under each "
-            f"condition (distortions `{results.get('distortions', '')}`, noise seed {results.get('seed', 0)}; "
-            "reproduce with `timm-icl eval`)."
+            f"Top-1 accuracy on {results.get('num_samples', '?')} images of {dataset_name}"
+            + (f", split `{split}`" if split else "")
+            + f", clean and under each condition (distortions `{results.get('distortions', '')}`, noise seed "
+            f"{results.get('seed', 0)}; reproduce with `timm-icl eval`)."
         )
-    load_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{shown_as or folder}"
+    # never a local path in a card: an exported folder is named by its own name until it is pushed
+    load_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:path/to/{Path(shown_as or folder).name}"
+    start = icl.get("starting_weights") or (f"`{base_model}`" if base_model else None)
+    if icl.get("reference"):
+        reference_text = f"The constraint's reference network is {icl['reference']}."
+    elif method in ("icl", "mse", "ab"):
+        reference_text = "The constraint's reference network is a frozen copy of the starting weights."
+    else:
+        reference_text = f"The `{method}` objective uses no frozen reference network."
+    if local_data:
+        data_words = f"{_SOURCE_WORDS.get(source, 'local data')} named `{dataset_name}` (not on the Hub)"
+    else:
+        data_words = f"{dataset_name}" + (f" (`{dataset_id}`)" if dataset_id and dataset_id != dataset_name else "")
     card = ModelCard.from_template(
         card_data,
         template_str=card_template(),
@@ -145,21 +242,18 @@ def render_model_card(
         method_text=method_text,
         hyperparameters=hyperparameters,
         base_model=base_model,
-        base_model_text=(
-            f"none on the Hub; the frozen reference was {icl['reference_model']}"
-            if icl.get("reference_model")
-            else "none (trained from scratch)"
-        ),
-        license=card_data.license,
+        start_text=start or "weights that were not recorded",
+        base_model_text="none on the Hub" + (f" (started from {start})" if start else ""),
+        reference_text=reference_text,
+        license=license_id,
         dataset_text=(
-            f"Fine-tuned and evaluated on {dataset_name}"
-            + (f" (`{dataset_id}`)" if dataset_id and dataset_id != dataset_name else "")
-            + "; every training image distorted with one condition drawn from the training distortion set."
-            if dataset
+            f"Fine-tuned and evaluated on {data_words}; every training image distorted with one condition drawn "
+            "from the training distortion set."
+            if icl.get("dataset")
             else "Not recorded."
         ),
         load_id=load_id,
-        hub_id=repo_id or str(shown_as or folder),
+        hub_id=repo_id or f"path/to/{Path(shown_as or folder).name}",
         transformers_ok=transformers_ok,
         input_size=f"{input_size[1]}x{input_size[2]}",
         preprocessing_text=_preprocessing_text(pcfg),

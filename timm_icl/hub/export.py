@@ -30,16 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import hub_dataset_id
 from ..eval.plots import plot_accuracy_vs_sigma
 from ..utils.files import replace_folder, staging_folder
 from ..utils.jsonio import canonical_json, json_safe
-from .card import PLOT_NAME, RESULTS_NAME, render_model_card
+from .card import PLOT_NAME, RESULTS_NAME, describe_dataset, render_model_card
 
 __all__ = ["export_model", "resolve_model_folder", "non_finite_tensors", "non_finite_summary"]
 
 _logger = logging.getLogger(__name__)
 
+#: pretrained_cfg keys that describe the base weights (their paper, origin, licence), dropped from an export.
+_BASE_WEIGHTS_KEYS = ("paper_ids", "paper_name", "notes", "origin_url", "license", "hf_hub_id", "url", "file", "source")
 _EXPORTED = ("config.json", "model.safetensors", "README.md", RESULTS_NAME, PLOT_NAME)
 #: Testing hook: SIGKILL the process in the middle of an export (new weights and config written, no card yet).
 KILL_DURING_EXPORT_ENV = "TIMM_ICL_TEST_KILL_DURING_EXPORT"
@@ -154,6 +155,12 @@ def export_model(
 
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
+    # the architecture's own paper, notes and licence describe the base weights, not these: not carried over
+    pcfg = config.get("pretrained_cfg", {})
+    for key in _BASE_WEIGHTS_KEYS:
+        pcfg.pop(key, None)
+    if license:
+        pcfg["license"] = license
     # transformers' TimmWrapper passes num_classes itself and then fails with "got multiple values for keyword
     # argument 'num_classes'" when model_args repeats it; timm reads the top-level num_classes anyway.
     config.get("model_args", {}).pop("num_classes", None)
@@ -167,7 +174,11 @@ def export_model(
         if value is not None or key not in icl:
             icl[key] = value if value is not None else icl.get(key)
     icl["model_name"] = model_name or icl.get("model_name") or final.resolve().name
-    icl["dataset_hub_id"] = hub_dataset_id(icl.get("dataset"))  # decided here, where a local path exists
+    # decided here, where a local path exists; config.json keeps only its name and kind, never the path
+    described = describe_dataset(icl.get("dataset"))
+    if described["source"] not in (None, "hub", "fashion-mnist"):
+        icl["dataset"] = described["name"]  # a local folder: its own name
+    icl["dataset_source"], icl["dataset_hub_id"] = described["source"], described["hub_id"]
     config["icl"] = icl
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     if os.environ.get(KILL_DURING_EXPORT_ENV) == "1":  # testing: a kill with new weights + config, old card

@@ -65,7 +65,9 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
         value = getattr(args, action.dest, None)
         if action.choices is not None and value is not None and value not in action.choices:
             raise SettingsError(f"{action.dest} = {value!r} is not one of {sorted(action.choices)}")
-        if action.type in (int, float) and value is not None and not isinstance(value, int | float):
+        several = action.nargs not in (None, "?") and isinstance(value, list)  # --input-size C H W, --mean a b c
+        values = value if several else [value]
+        if action.type in (int, float) and value is not None and not all(isinstance(v, int | float) for v in values):
             raise SettingsError(f"{action.dest} = {value!r} is not a number")
         if value is None and action.dest in from_config and original.get(action.dest) is not None:
             raise SettingsError(f"{action.dest} is null in {args.config}: give a value or drop the key")
