@@ -19,9 +19,10 @@ level of difference comes from the reference's ``np.uint8`` alone):
 - shot_noise, impulse_noise: random; the statistics (mean and spread of the change, fraction of salt and pepper)
   agree with the reference's.
 
-Nothing here reads or writes numpy arrays or PIL images: a CUDA batch stays on the GPU (``encode_jpeg`` and
-``decode_jpeg`` run there too). Random corruptions draw from ``generator`` (on the images' device) only, so a
-seeded generator gives the same images on every run.
+Nothing here reads or writes numpy arrays or PIL images, and nothing reads the device (no sync) except the JPEG
+codec, which runs on the host: one copy there and back per batch. Constant tables live per device. Random
+corruptions draw from ``generator`` (on the images' device) only, so a seeded generator gives the same images on
+every run.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .noise_blur import _reflect101_index
+from .noise_blur import _reflect101_index, _trusted
 
 __all__ = [
     "shot_noise",
@@ -66,33 +67,43 @@ IMAGENET_C_PARAMETERS: dict[str, tuple] = {
 
 
 def _levels(severity: torch.Tensor, name: str) -> torch.Tensor:
-    """ImageNet-C levels ``[B]`` -> long indices 0-4 on the same device; a clear error for anything else."""
-    sev = torch.as_tensor(severity)
+    """ImageNet-C levels ``[B]`` -> long indices 0-4 on the same device; a clear error for anything else.
+
+    The value check reads the device, so it is skipped where the conditions were checked when made
+    (:func:`~timm_icl.distortions.noise_blur.values_checked`: the sampler, evaluation); out-of-range levels
+    are clamped there (they cannot occur)."""
+    sev = severity if isinstance(severity, torch.Tensor) else torch.as_tensor(severity)
     if sev.ndim != 1:
         raise ValueError(f"{name} severity must be a tensor of shape [B], got shape {tuple(sev.shape)}")
-    if ((sev != sev.round()) | (sev < 1) | (sev > 5)).any():
+    if not _trusted() and ((sev != sev.round()) | (sev < 1) | (sev > 5)).any():
         raise ValueError(f"{name} severity must be an ImageNet-C level 1, 2, 3, 4 or 5, got {sev.tolist()}")
-    return sev.round().long() - 1
+    return sev.round().long().clamp(1, 5) - 1
+
+
+_DEVICE_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _on_device(key: tuple, device: torch.device, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A constant table made on the CPU once and kept per device (no host-to-device copy per call)."""
+    full_key = (*key, str(device))
+    table = _DEVICE_TABLES.get(full_key)
+    if table is None:
+        if len(_DEVICE_TABLES) > 512:
+            _DEVICE_TABLES.clear()
+        table = _DEVICE_TABLES[full_key] = build().to(device)
+    return table
 
 
 def _table(name: str, levels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The parameter of each image's level as ``[B, 1, 1, 1]`` in ``like``'s dtype and device."""
-    table = torch.tensor(IMAGENET_C_PARAMETERS[name], dtype=torch.float64, device=like.device)
-    return table[levels.to(like.device)].to(like.dtype).view(-1, 1, 1, 1)
+    table = _on_device(
+        ("param", name), like.device, lambda: torch.tensor(IMAGENET_C_PARAMETERS[name], dtype=torch.float64)
+    )
+    return table[_moved(levels, like.device)].to(like.dtype).view(-1, 1, 1, 1)
 
 
-def _per_level(
-    images: torch.Tensor, levels: torch.Tensor, fn: Callable[[torch.Tensor, int], torch.Tensor]
-) -> torch.Tensor:
-    """Apply ``fn(sub_batch, level_index)`` to the images of each level present (one call per distinct level)."""
-    uniq = torch.unique(levels).tolist()
-    if len(uniq) == 1:
-        return fn(images, int(uniq[0]))
-    out = torch.empty_like(images)
-    for level in uniq:
-        idx = (levels == level).nonzero().view(-1).to(images.device)
-        out = out.index_copy(0, idx, fn(images.index_select(0, idx), int(level)))
-    return out
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,8 +140,14 @@ def impulse_noise(
 def _reflect_pad(images: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
     """Reflect-101 padding (OpenCV's default border) for any pad, also wider than the image."""
     _, _, height, width = images.shape
-    rows = _reflect101_index(torch.arange(-pad_h, height + pad_h), height).to(images.device)
-    cols = _reflect101_index(torch.arange(-pad_w, width + pad_w), width).to(images.device)
+    rows = _on_device(
+        ("reflect", height, pad_h),
+        images.device,
+        lambda: _reflect101_index(torch.arange(-pad_h, height + pad_h), height),
+    )
+    cols = _on_device(
+        ("reflect", width, pad_w), images.device, lambda: _reflect101_index(torch.arange(-pad_w, width + pad_w), width)
+    )
     return _select(images.index_select(2, rows), 3, cols)
 
 
@@ -164,7 +181,7 @@ def _fft_filter(padded: torch.Tensor, kernels: torch.Tensor, pad: int) -> torch.
     """
     batch, channels, height_p, width_p = padded.shape
     dtype = torch.promote_types(padded.dtype, torch.float32)
-    k = kernels.to(device=padded.device, dtype=dtype)
+    k = _moved(kernels, padded.device).to(dtype)
     size = 2 * pad + 1
     # place the kernel's centre at (0, 0), negative offsets wrapping around: a circular convolution whose wrapped
     # part falls in the padding, which is cut away
@@ -185,15 +202,18 @@ def defocus_blur(
     The reference's arithmetic (``cv2.filter2D`` is a correlation; the kernel is symmetric, so it equals the
     convolution done here, by FFT); differences are float rounding. ``generator`` is unused (deterministic).
     """
-    levels = _levels(severity, "defocus_blur")
+    levels = _moved(_levels(severity, "defocus_blur"), images.device)
+    # every level's kernel centred in the largest (21 x 21): one padding, one FFT size, one batched call
+    kernels = _on_device(("defocus",), images.device, _defocus_kernels)[levels]
+    pad = kernels.shape[-1] // 2
+    return _fft_filter(_reflect_pad(images, pad, pad), kernels, pad).clamp(0.0, 1.0)
 
-    def one_level(x: torch.Tensor, level: int) -> torch.Tensor:
-        radius, alias = IMAGENET_C_PARAMETERS["defocus_blur"][level]
-        kernel = defocus_kernel(radius, alias)
-        pad = kernel.shape[0] // 2
-        return _fft_filter(_reflect_pad(x, pad, pad), kernel.unsqueeze(0), pad).clamp(0.0, 1.0)
 
-    return _per_level(images, levels, one_level)
+def _defocus_kernels() -> torch.Tensor:
+    """The five levels' kernels ``[5, k, k]`` (float64), each centred in the largest one's size, zero around."""
+    kernels = [defocus_kernel(r, a) for r, a in IMAGENET_C_PARAMETERS["defocus_blur"]]
+    size = max(k.shape[0] for k in kernels)
+    return torch.stack([F.pad(k, [(size - k.shape[0]) // 2] * 4) for k in kernels])
 
 
 def motion_blur(
@@ -217,13 +237,16 @@ def motion_blur(
         images, severity, generator: as every registered distortion.
         angle: ``[B]`` angles in degrees instead of the random draw (the test passes the reference's).
     """
-    levels = _levels(severity, "motion_blur").to(images.device)
+    levels = _moved(_levels(severity, "motion_blur"), images.device)
     batch, _, height, width = images.shape
-    params = torch.tensor(IMAGENET_C_PARAMETERS["motion_blur"], dtype=torch.float64, device=images.device)[levels]
+    params = _on_device(
+        ("motion",), images.device, lambda: torch.tensor(IMAGENET_C_PARAMETERS["motion_blur"], dtype=torch.float64)
+    )[levels]
     radius, sigma = params[:, 0], params[:, 1]
     if angle is None:
         angle = torch.rand(batch, generator=generator, device=images.device, dtype=torch.float64) * 90.0 - 45.0
-    angle = torch.as_tensor(angle, dtype=torch.float64, device=images.device).view(batch)
+    angle = _moved(torch.as_tensor(angle), images.device).to(torch.float64).view(batch)
+    # every level's taps fit in 2 * 20 + 1; the kernel and the FFT have that fixed size (no read of the draw)
     taps = int(2 * max(r for r, _ in IMAGENET_C_PARAMETERS["motion_blur"]) + 1)
     i = torch.arange(taps, dtype=torch.float64, device=images.device).view(1, -1)
     width_b = (2 * radius + 1).view(-1, 1)
@@ -233,19 +256,16 @@ def motion_blur(
     # the reference's point = width * (sin, cos), divided by hypot(point) = width: kept as written for equal rounding
     py, px = width_b.view(-1) * torch.sin(rad), width_b.view(-1) * torch.cos(rad)
     hypot = torch.hypot(py, px).view(-1, 1)
-    dy = -torch.ceil(i * py.view(-1, 1) / hypot - 0.5).long()  # [B, taps]
+    dy = -torch.ceil(i * py.view(-1, 1) / hypot - 0.5).long()  # [B, taps], |dy| <= i < taps
     dx = -torch.ceil(i * px.view(-1, 1) / hypot - 0.5).long()
     inside = (dy.abs() < height) & (dx.abs() < width)
     weights = weights * torch.cumprod(inside.long(), dim=1)  # the reference stops at the first shift off the image
     # the taps as one kernel per image: weight w_i at offset (dy_i, dx_i), applied by FFT on the edge-padded batch
-    taps_used = int((i < width_b).sum(1).max())
-    pad = int(max(dy[:, :taps_used].abs().max(), dx[:, :taps_used].abs().max(), 1))
+    pad = taps - 1
     size = 2 * pad + 1
     kernels = torch.zeros(batch, size, size, dtype=torch.float64, device=images.device)
-    b_idx = torch.arange(batch, device=images.device).view(-1, 1).expand(-1, taps_used)
-    kernels.index_put_(
-        (b_idx, dy[:, :taps_used] + pad, dx[:, :taps_used] + pad), weights[:, :taps_used], accumulate=True
-    )
+    b_idx = torch.arange(batch, device=images.device).view(-1, 1).expand(-1, taps)
+    kernels.index_put_((b_idx, dy + pad, dx + pad), weights, accumulate=True)
     out = _fft_filter(F.pad(images, (pad, pad, pad, pad), mode="replicate"), kernels, pad)
     return out.clamp(0.0, 1.0)
 
@@ -264,21 +284,43 @@ def zoom_blur(images: torch.Tensor, severity: torch.Tensor, generator: torch.Gen
     interpolation with corners aligned (scipy's ``zoom(order=1)`` is the same interpolation) and cut to the image
     size, as the reference does. ``generator`` is unused (deterministic).
     """
-    levels = _levels(severity, "zoom_blur")
-    _, _, height, width = images.shape
+    levels = _moved(_levels(severity, "zoom_blur"), images.device)
+    batch, _, height, width = images.shape
+    crops, uses = _zoom_plan(height, width)
+    uses = _on_device(("zoom", height, width), images.device, lambda: torch.tensor(uses))[levels]  # [B, crops]
+    total = images.clone()
+    # every distinct crop of any level once, on the whole batch, added where the image's level uses it: the sums
+    # of each level in its own order (adding 0 elsewhere), so the same numbers as one level at a time
+    for j, (top, left, ch, cw, size, _) in enumerate(crops):
+        crop = images[..., top : top + ch, left : left + cw]
+        zoomed = F.interpolate(crop, size=size, mode="bilinear", align_corners=True)[..., :height, :width]
+        total = total + zoomed * uses[:, j].to(images.dtype).view(batch, 1, 1, 1)
+    count = uses.sum(1).to(images.dtype).view(batch, 1, 1, 1)
+    return (total / (count + 1)).clamp(0.0, 1.0)
 
-    def one_level(x: torch.Tensor, level: int) -> torch.Tensor:
-        factors = _zoom_factors(level)
-        total = x.clone()
-        for z in factors:
+
+@functools.lru_cache(maxsize=16)
+def _zoom_plan(height: int, width: int) -> tuple[list[tuple], list[list[float]]]:
+    """The distinct crops of the five levels' factors, in an order that keeps each level's own order, and which
+    level uses which: ``([(top, left, crop_h, crop_w, (size_h, size_w), repeat)], uses [5][crops] of 0/1)``."""
+    keys: list[tuple] = []
+    per_level = []
+    for level in range(5):
+        mine = []
+        for z in _zoom_factors(level):
             ch, cw = math.ceil(height / z), math.ceil(width / z)
-            top, left = (height - ch) // 2, (width - cw) // 2
-            crop = x[..., top : top + ch, left : left + cw]
-            size = (int(round(ch * z)), int(round(cw * z)))
-            total = total + F.interpolate(crop, size=size, mode="bilinear", align_corners=True)[..., :height, :width]
-        return (total / (len(factors) + 1)).clamp(0.0, 1.0)
-
-    return _per_level(images, levels, one_level)
+            key = ((height - ch) // 2, (width - cw) // 2, ch, cw, (int(round(ch * z)), int(round(cw * z))))
+            key = (*key, sum(k[:5] == key for k in mine))  # small images repeat a crop in a level: each is added
+            if key not in keys:
+                keys.append(key)
+            mine.append(key)
+        per_level.append(mine)
+    keys.sort(key=lambda k: (-k[2], -k[3], k[4], k[5]))  # a larger factor crops less: later
+    for mine in per_level:
+        order = [keys.index(k) for k in mine]
+        if order != sorted(order):  # cannot happen for ImageNet-C's increasing factors; guards the sums' order
+            raise AssertionError("zoom_blur: a level's factors are not in increasing order")
+    return keys, [[float(k in mine) for k in keys] for mine in per_level]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,17 +375,6 @@ def _select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, index.view([1] * (x.ndim - 1) + [-1]).expand(*x.shape[:-1], index.numel()))
 
 
-def _box_resize(x: torch.Tensor, n_out: int, dim: int) -> torch.Tensor:
-    """Means over PIL's BOX windows along ``dim``, from cumulative sums (float32 sums of <= a few thousand values
-    in [0, 1]: ~1e-5 of full scale at most)."""
-    lows, highs = _box_windows(x.shape[dim], n_out)
-    lo = torch.tensor(lows, device=x.device)
-    hi = torch.tensor(highs, device=x.device)
-    sums = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.cumsum(dim)], dim)
-    count = (hi - lo).to(x.dtype).view([-1 if d == dim % x.ndim else 1 for d in range(x.ndim)])
-    return (_select(sums, dim, hi) - _select(sums, dim, lo)) / count
-
-
 @functools.lru_cache(maxsize=64)
 def _nearest_positions(n_in: int, n_out: int) -> tuple[int, ...]:
     """PIL's NEAREST resize along one axis: output ``o`` reads input ``int((o + 0.5) * n_in / n_out)``, the position
@@ -356,8 +387,12 @@ def _nearest_positions(n_in: int, n_out: int) -> tuple[int, ...]:
     return tuple(positions)
 
 
-def _nearest_index(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(_nearest_positions(n_in, n_out), dtype=torch.long, device=device)
+def _take(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` read at a per-image ``index [B, n]`` along ``dim`` (2 or 3)."""
+    batch, channels, height, width = x.shape
+    if dim == 2:
+        return x.gather(2, index.view(batch, 1, -1, 1).expand(batch, channels, index.shape[1], width))
+    return x.gather(3, index.view(batch, 1, 1, -1).expand(batch, channels, height, index.shape[1]))
 
 
 def pixelate(images: torch.Tensor, severity: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -367,21 +402,36 @@ def pixelate(images: torch.Tensor, severity: torch.Tensor, generator: torch.Gene
     uint8 after its horizontal pass and at the end, this code keeps floats (measured and tested: <= 1 level).
     ``generator`` is unused (deterministic).
     """
-    levels = _levels(severity, "pixelate")
-    _, _, height, width = images.shape
+    levels = _moved(_levels(severity, "pixelate"), images.device)
+    batch, _, height, width = images.shape
+    x = images.to(torch.promote_types(images.dtype, torch.float32))
+    # along W, then H: box means from cumulative sums, read directly at each output pixel's nearest small pixel
+    for dim, n in ((3, width), (2, height)):
+        lo, hi = _on_device(("pixelate", n), images.device, lambda n=n: _pixelate_axis(n))[:, levels]  # [B, n]
+        sums = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.cumsum(dim)], dim)
+        count = (hi - lo).to(x.dtype).view(batch, 1, -1, 1) if dim == 2 else (hi - lo).to(x.dtype).view(batch, 1, 1, -1)
+        x = (_take(sums, dim, hi) - _take(sums, dim, lo)) / count
+    return x.clamp(0.0, 1.0).to(images.dtype)  # sums' rounding
 
-    def one_level(x: torch.Tensor, level: int) -> torch.Tensor:
-        c = IMAGENET_C_PARAMETERS["pixelate"][level]
-        h, w = max(1, int(height * c)), max(1, int(width * c))
-        small = _box_resize(_box_resize(x.to(torch.promote_types(x.dtype, torch.float32)), w, -1), h, -2)
-        up = _select(small, 2, _nearest_index(h, height, x.device))
-        return _select(up, 3, _nearest_index(w, width, x.device)).clamp(0.0, 1.0).to(x.dtype)  # sums' rounding
 
-    return _per_level(images, levels, one_level)
+def _pixelate_axis(n: int) -> torch.Tensor:
+    """Per level, for each output pixel along an axis of length ``n``: the BOX window ``[lo, hi)`` of the small
+    pixel that PIL's NEAREST upscale reads there. ``[2, 5, n]`` long."""
+    out = torch.zeros(2, 5, n, dtype=torch.long)
+    for level, c in enumerate(IMAGENET_C_PARAMETERS["pixelate"]):
+        small = max(1, int(n * c))
+        lows, highs = _box_windows(n, small)
+        nearest = _nearest_positions(small, n)
+        out[0, level] = torch.tensor([lows[p] for p in nearest])
+        out[1, level] = torch.tensor([highs[p] for p in nearest])
+    return out
 
 
 def _jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """Encode each image as a JPEG of its quality and decode it (torchvision; on the GPU for CUDA images)."""
+    """Encode each image as a JPEG of its quality and decode it (libjpeg through torchvision, on the host).
+
+    The batch goes to the host once and comes back once, and the qualities are read once: a constant number of
+    device syncs per batch, not one per image. Images of one quality are encoded and decoded as one list."""
     import warnings
 
     with warnings.catch_warnings():  # torchvision 0.29 announces its image codecs' move to torchcodec on import/use
@@ -390,30 +440,32 @@ def _jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
 
     if images.shape[1] not in (1, 3):
         raise ValueError(f"jpeg needs images with 1 or 3 channels, got {images.shape[1]}")
-    as_uint8 = (images * 255.0).round().clamp(0, 255).to(torch.uint8)
-    out = torch.empty_like(images)
-    quality = quality.round().long().cpu()
-    for q in torch.unique(quality).tolist():
-        idx = (quality == q).nonzero().view(-1).tolist()
+    if images.shape[0] == 0:
+        return images.clone()
+    host = (images * 255.0).round().clamp(0, 255).to(torch.uint8).cpu()
+    qualities = quality.round().long().tolist()
+    decoded: list[torch.Tensor | None] = [None] * len(qualities)
+    for q in sorted(set(qualities)):
+        idx = [i for i, qi in enumerate(qualities) if qi == q]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            encoded = encode_jpeg([as_uint8[i] for i in idx], quality=int(q))
-            decoded = decode_jpeg([e.cpu() for e in encoded], device=images.device)
-        for i, d in zip(idx, decoded):
-            out[i] = d.to(images.dtype) / 255.0
-    return out
+            for i, d in zip(idx, decode_jpeg(encode_jpeg([host[i] for i in idx], quality=int(q))), strict=True):
+                decoded[i] = d
+    out = torch.stack(decoded)
+    if images.device.type != "cpu":
+        out = out.pin_memory().to(images.device, non_blocking=True)
+    return out.to(images.dtype) / 255.0
 
 
 def jpeg(images: torch.Tensor, severity: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """JPEG compression at ImageNet-C's quality 25, 18, 15, 10, 7 (its ``jpeg_compression``).
 
     libjpeg's defaults through torchvision's ``encode_jpeg``/``decode_jpeg`` (the reference goes through PIL, also
-    libjpeg with 4:2:0 chroma subsampling); images are rounded to uint8 first, as a JPEG holds 8 bits. On CUDA the
-    codec is nvJPEG, whose output differs from libjpeg's by a few levels. ``generator`` is unused.
+    libjpeg with 4:2:0 chroma subsampling); images are rounded to uint8 first, as a JPEG holds 8 bits. The codec runs
+    on the host for every device (the same bytes on CPU and CUDA). ``generator`` is unused.
     """
     levels = _levels(severity, "jpeg")
-    table = torch.tensor(IMAGENET_C_PARAMETERS["jpeg_compression"])
-    return _jpeg(images, table[levels.cpu()].double())
+    return _jpeg(images, _table("jpeg_compression", levels, images.new_empty((), dtype=torch.float64)).view(-1))
 
 
 def jpeg_quality(
@@ -421,6 +473,6 @@ def jpeg_quality(
 ) -> torch.Tensor:
     """JPEG compression at a given quality 1-100 per image (``jpeg_quality:20,50``); see :func:`jpeg`."""
     sev = torch.as_tensor(severity)
-    if ((sev != sev.round()) | (sev < 1) | (sev > 100)).any():
+    if not _trusted() and ((sev != sev.round()) | (sev < 1) | (sev > 100)).any():
         raise ValueError(f"jpeg_quality severity must be a JPEG quality, an integer 1-100, got {sev.tolist()}")
     return _jpeg(images, sev)

@@ -19,6 +19,8 @@ and GPU than a depthwise convolution with a 39-tap kernel, and the result is the
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -33,19 +35,48 @@ __all__ = [
     "blur_matrix",
     "GaussianNoise",
     "GaussianBlur",
+    "blur_indexed",
+    "values_checked",
 ]
+
+# Value checks of tensor severities read the device (a sync). Conditions are checked once, when they are made
+# (``Distortion``, ``DistortionSampler``); the code paths that apply them say so with :func:`values_checked`, and the
+# functions skip their per-call check there. A direct call with a tensor still gets the one-line error.
+_VALUES_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("timm_icl_values_checked", default=False)
+
+
+@contextlib.contextmanager
+def values_checked():
+    """Inside this block, distortion functions trust tensor severities (checked when the conditions were made)."""
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
+def _trusted() -> bool:
+    return _VALUES_CHECKED.get()
 
 
 def _as_sigma_tensor(sigma: float | torch.Tensor, batch: int, device: torch.device, name: str) -> torch.Tensor:
-    """Return sigma as a float64 CPU-or-device tensor of shape [B], validated non-negative and finite."""
-    sigma_t = torch.as_tensor(sigma, dtype=torch.float64)
+    """Return sigma as a float64 tensor of shape [B] on ``device``, validated non-negative and finite.
+
+    A Python number is checked on the host (free) and made on the device; a tensor is checked unless inside
+    :func:`values_checked` (the check reads the device)."""
+    if not isinstance(sigma, torch.Tensor):
+        value = float(sigma)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} sigma must be finite and >= 0, got {value}")
+        return torch.full((batch,), value, dtype=torch.float64, device=device)
+    sigma_t = sigma.to(torch.float64)
     if sigma_t.ndim == 0:
         sigma_t = sigma_t.expand(batch)
     elif sigma_t.shape != (batch,):
         raise ValueError(
             f"{name} sigma must be a number or a tensor of shape [B]=[{batch}], got shape {tuple(sigma_t.shape)}"
         )
-    if not torch.isfinite(sigma_t).all() or (sigma_t < 0).any():
+    if not _trusted() and (not torch.isfinite(sigma_t).all() or (sigma_t < 0).any()):
         raise ValueError(f"{name} sigma must be finite and >= 0, got {sigma_t.tolist()}")
     return sigma_t
 
@@ -87,7 +118,8 @@ def gaussian_noise(
     """
     _check_images(images, "gaussian_noise")
     sigma_t = _as_sigma_tensor(sigma, images.shape[0], images.device, "noise")
-    std = (sigma_t / 255.0).to(device=images.device, dtype=images.dtype).view(-1, 1, 1, 1)
+    std = (sigma_t / 255.0).to(images.dtype)
+    std = (std if std.device == images.device else std.to(images.device)).view(-1, 1, 1, 1)
     noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     out = images + noise * std
     return out.clamp(0.0, 1.0) if clamp else out
@@ -149,6 +181,28 @@ def blur_matrix(
     return _blur_matrix_cpu64(int(n), float(sigma), kernel_size).to(device=device, dtype=dtype)
 
 
+BlurParams = tuple[tuple[float, "int | None"], ...]
+_DEVICE_MATRICES: dict[tuple, torch.Tensor] = {}
+
+
+def _blur_stack(n: int, params: BlurParams, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[P, n, n]`` blur matrices of ``params`` ((sigma, kernel_size) each) on ``device`` in ``dtype``: built once
+    (float64 on the CPU, then one copy), then served from a per-device cache, so a step copies nothing."""
+    key = (n, params, str(device), dtype)
+    stack = _DEVICE_MATRICES.get(key)
+    if stack is None:
+        if len(_DEVICE_MATRICES) > 512:
+            _DEVICE_MATRICES.clear()
+        cpu = torch.stack([_blur_matrix_cpu64(n, float(s), k) for s, k in params])
+        stack = _DEVICE_MATRICES[key] = cpu.to(device=device, dtype=dtype)
+    return stack
+
+
+def _matrix_dtype(images: torch.Tensor) -> torch.dtype:
+    # matrices in the images' dtype; half precision keeps float32 matrices for accuracy, then casts back
+    return images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def gaussian_blur(
     images: torch.Tensor,
     sigma: float | torch.Tensor,
@@ -164,50 +218,70 @@ def gaussian_blur(
     Returns:
         Blurred images ``[B, C, H, W]``, same dtype and device. Differentiable w.r.t. ``images``.
 
+    A number needs nothing from the device. A tensor of per-image sigmas is read once (its distinct values: one
+    device sync per call); the training sampler avoids even that with :func:`blur_indexed`.
+
     Example:
         >>> gaussian_blur(torch.rand(2, 3, 16, 16), torch.tensor([2.0, 10.0])).shape
         torch.Size([2, 3, 16, 16])
     """
     _check_images(images, "gaussian_blur")
-    batch, _, height, width = images.shape
-    sigma_t = _as_sigma_tensor(sigma, batch, images.device, "blur")
-    uniq = torch.unique(sigma_t)
-    if uniq.numel() == 1:
-        return _blur_same_sigma(images, float(uniq[0]), kernel_size)
-    # Per-sample sigmas: one pair of GEMMs per distinct sigma (training draws from a handful of values).
-    out = torch.empty_like(images)
-    for s in uniq.tolist():
-        idx = (sigma_t == s).nonzero().view(-1).to(images.device)
-        out = out.index_copy(0, idx, _blur_same_sigma(images.index_select(0, idx), s, kernel_size))
-    return out
+    if kernel_size is not None and (int(kernel_size) < 1 or int(kernel_size) % 2 == 0):
+        raise ValueError(f"blur kernel_size must be a positive odd integer, got {kernel_size}")
+    if not isinstance(sigma, torch.Tensor):
+        _as_sigma_tensor(sigma, 1, torch.device("cpu"), "blur")  # the host check of a number
+        return _blur_same_sigma(images, float(sigma), kernel_size)
+    sigma_t = _as_sigma_tensor(sigma, images.shape[0], images.device, "blur")
+    values = torch.unique(sigma_t).tolist()  # the one read of an ad-hoc per-image tensor
+    if len(values) == 1:
+        return _blur_same_sigma(images, float(values[0]), kernel_size)
+    params = tuple((float(v), kernel_size) for v in values)
+    index = torch.searchsorted(torch.tensor(values, dtype=torch.float64, device=sigma_t.device), sigma_t)
+    return blur_indexed(images, index.to(images.device), params)
+
+
+def blur_indexed(images: torch.Tensor, index: torch.Tensor, params: BlurParams) -> torch.Tensor:
+    """Blur image ``b`` with ``params[index[b]]`` (``(sigma, kernel_size)`` pairs; kernel_size None: the paper's):
+    each image's own pair of matrices, gathered from the per-device cache, then two batched matrix products.
+
+    Nothing is read from the device: the training path of :class:`~timm_icl.distortions.DistortionSampler`.
+    """
+    _check_images(images, "blur_indexed")
+    _, _, height, width = images.shape
+    mat_dtype = _matrix_dtype(images)
+    m_h = _blur_stack(height, params, images.device, mat_dtype)[index].unsqueeze(1)  # [B, 1, H, H]
+    m_wt = _blur_stack(width, params, images.device, mat_dtype)[index].transpose(-1, -2).unsqueeze(1)  # [B, 1, W, W]
+    radius = max((k if k is not None else paper_kernel_size(s)) // 2 for s, k in params)
+    return _banded_products(images.to(mat_dtype), m_h, m_wt, radius).to(images.dtype)
+
+
+def _banded_products(x: torch.Tensor, m_h: torch.Tensor, m_wt: torch.Tensor, radius: int) -> torch.Tensor:
+    """``m_h @ x @ m_wt`` for banded matrices of half-width ``radius`` (2-D, or batched ``[B, 1, n, n]``)."""
+    _, _, height, width = x.shape
+    tile = 16 if radius <= 4 else 32
+    if tile + 2 * radius <= min(height, width) // 2:
+        # The banded matrix is mostly zeros: multiply tile by tile (an output tile of `tile` columns from its
+        # input window +-radius). The same products, 1.4-1.7x faster on CPU at 224 px for sigma 2 and 10
+        # (benchmarks/RESULTS.md); the reflection folded into the matrix stays inside the window.
+        x = torch.cat(
+            [torch.matmul(x[..., lo:hi], m_wt[..., lo:hi, s:e]) for s, e, lo, hi in _tiles(width, radius, tile)], -1
+        )
+        return torch.cat(
+            [torch.matmul(m_h[..., s:e, lo:hi], x[..., lo:hi, :]) for s, e, lo, hi in _tiles(height, radius, tile)], -2
+        )
+    return torch.matmul(m_h, torch.matmul(x, m_wt))  # along W: [B, C, H, W] @ [W, W], then along H
 
 
 def _blur_same_sigma(images: torch.Tensor, sigma: float, kernel_size: int | None) -> torch.Tensor:
     if sigma == 0 and kernel_size in (None, 1):
         return images.clone()
     _, _, height, width = images.shape
-    # Matrices in the images' dtype; half precision keeps float32 matrices for accuracy then casts back.
-    mat_dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
-    m_h = blur_matrix(height, sigma, kernel_size, device=images.device, dtype=mat_dtype)
-    m_w = blur_matrix(width, sigma, kernel_size, device=images.device, dtype=mat_dtype)
-    x = images.to(mat_dtype)
+    mat_dtype = _matrix_dtype(images)
+    params = ((float(sigma), kernel_size),)
+    m_h = _blur_stack(height, params, images.device, mat_dtype)[0]
+    m_wt = _blur_stack(width, params, images.device, mat_dtype)[0].t()
     radius = (kernel_size if kernel_size is not None else paper_kernel_size(sigma)) // 2
-    tile = 16 if radius <= 4 else 32
-    if tile + 2 * radius <= min(height, width) // 2:
-        # The banded matrix is mostly zeros: multiply tile by tile (an output tile of `tile` columns from its
-        # input window +-radius). The same products, 1.4-1.7x faster on CPU at 224 px for sigma 2 and 10
-        # (benchmarks/RESULTS.md); the reflection folded into the matrix stays inside the window.
-        m_wt = m_w.t()
-        x = torch.cat(
-            [torch.matmul(x[..., lo:hi], m_wt[lo:hi, s:e]) for s, e, lo, hi in _tiles(width, radius, tile)], -1
-        )
-        x = torch.cat(
-            [torch.matmul(m_h[s:e, lo:hi], x[..., lo:hi, :]) for s, e, lo, hi in _tiles(height, radius, tile)], -2
-        )
-        return x.to(images.dtype)
-    x = torch.matmul(x, m_w.t())  # along W: [B, C, H, W] @ [W, W]
-    x = torch.matmul(m_h, x)  # along H: [H, H] @ [B, C, H, W]
-    return x.to(images.dtype)
+    return _banded_products(images.to(mat_dtype), m_h, m_wt, radius).to(images.dtype)
 
 
 def _tiles(n: int, radius: int, tile: int) -> list[tuple[int, int, int, int]]:

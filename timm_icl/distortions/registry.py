@@ -62,6 +62,7 @@ class DistortionSpec:
     integer: bool = False
     random: bool = False
     whole_batch: bool = False
+    on_host: bool = False
     unit: str = ""
     family: str = ""
     hint: str = ""
@@ -96,6 +97,7 @@ def register_distortion(
     integer: bool = False,
     random: bool = False,
     whole_batch: bool = False,
+    on_host: bool = False,
     unit: str = "",
     family: str | None = None,
     hint: str = "",
@@ -114,9 +116,11 @@ def register_distortion(
         minimum, maximum, integer: the valid severities (checked when a condition is made).
         random: ``fn`` uses the generator. Evaluation then seeds each image on its own
             (:func:`timm_icl.eval.evaluate.noise_seed`), so results do not depend on the batch size.
-        whole_batch: the training sampler calls ``fn`` on the whole batch (severity 0 on images of other kinds,
-            which must be accepted, results discarded) instead of on the images of this kind only, so the random
-            stream does not depend on which images drew it (the paper's ``noise``).
+        whole_batch: severity 0 is what the training sampler gives ``fn`` on the images of other kinds (which
+            must be accepted; results discarded). Every kind runs on the whole batch in training (no device sync
+            to find its images); without this flag the others get the set's first severity of the kind.
+        on_host: ``fn`` works on the host (a codec): the training sampler gives it only its own images (one read
+            of the device per batch) instead of the whole batch.
         unit: what the severity means, for messages and plots (``"sigma, pixels"``).
         family: group for plots and tables (``"noise"``, ``"blur"``, ``"weather"``, ``"digital"``); default ``name``.
         hint: appended to the error for an invalid severity.
@@ -152,6 +156,7 @@ def register_distortion(
         integer=bool(integer),
         random=bool(random),
         whole_batch=bool(whole_batch),
+        on_host=bool(on_host),
         unit=unit,
         family=family or name,
         hint=hint,
@@ -269,7 +274,12 @@ register_distortion("brightness", _corruptions.brightness, family="weather", **_
 register_distortion("contrast", _corruptions.contrast, family="digital", **_LEVEL)
 register_distortion("pixelate", _corruptions.pixelate, family="digital", **_LEVEL)
 register_distortion(
-    "jpeg", _corruptions.jpeg, family="digital", hint="; for a JPEG quality write jpeg_quality:QUALITY", **_LEVEL
+    "jpeg",
+    _corruptions.jpeg,
+    on_host=True,
+    family="digital",
+    hint="; for a JPEG quality write jpeg_quality:QUALITY",
+    **_LEVEL,
 )
 register_distortion(
     "jpeg_quality",
@@ -278,6 +288,7 @@ register_distortion(
     minimum=1,
     maximum=100,
     integer=True,
+    on_host=True,
     unit="JPEG quality",
     family="digital",
 )

@@ -43,6 +43,13 @@ class DistortionSampler:
         kind_index = [distortion_names().index(c.kind) for c in self.distortions]
         self._kinds = torch.tensor(kind_index, dtype=torch.long)
         self._sigmas = torch.tensor([c.sigma for c in self.distortions], dtype=torch.float32)
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device: copied once, not per step
+
+    def _tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = (self._kinds.to(device), self._sigmas.to(device))
+        return self._tables[key]
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -58,8 +65,9 @@ class DistortionSampler:
         device = torch.device(device)
         gen = self._generator(device)
         choice = torch.randint(len(self.distortions), (batch_size,), generator=gen, device=device)
-        kinds = self._kinds.to(device)[choice]
-        sigmas = self._sigmas.to(device)[choice]
+        kinds_table, sigmas_table = self._tables_on(device)
+        kinds = kinds_table[choice]
+        sigmas = sigmas_table[choice]
         if self.clean_fraction > 0:
             clean = torch.rand(batch_size, generator=gen, device=device) < self.clean_fraction
             kinds = torch.where(clean, torch.zeros_like(kinds), kinds)
@@ -69,7 +77,10 @@ class DistortionSampler:
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Distort a clean batch ``[B, C, H, W]`` in [0, 1]; returns ``(distorted, (kinds, sigmas))``."""
         kinds, sigmas = self.sample(images.shape[0], images.device)
-        return apply_distortions(images, kinds, sigmas, generator=self._generator(images.device)), (kinds, sigmas)
+        distorted = apply_distortions(
+            images, kinds, sigmas, generator=self._generator(images.device), conditions=self.distortions
+        )
+        return distorted, (kinds, sigmas)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "generators": {k: g.get_state() for k, g in self._generators.items()}}

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from . import corruptions as _corruptions
+from .noise_blur import blur_indexed, values_checked
 from .registry import Distortion, call_distortion, distortion_names, get_distortion
 
 __all__ = [
@@ -175,6 +176,7 @@ def apply_distortions(
     *,
     generator: torch.Generator | None = None,
     clamp: bool = True,
+    conditions: str | DistortionSet | Sequence[Distortion] | None = None,
 ) -> torch.Tensor:
     """Apply a per-image condition to a batch.
 
@@ -184,30 +186,97 @@ def apply_distortions(
         sigmas: ``[B]`` float severity per image, in each kind's unit (0-255 for noise, pixels for blur, ...).
         generator: generator on the images' device for the random kinds.
         clamp: clamp noisy images (kind ``noise``) to [0, 1].
+        conditions: the conditions ``(kinds, sigmas)`` are drawn from (the sampler passes its set). Then nothing is
+            read from the device (no sync): each kind of the set runs on the whole batch and ``torch.where`` keeps
+            its images; a pair outside the set leaves its image clean. ``None``: the pairs present are read once
+            (one sync; for ad-hoc calls).
 
     Returns:
         ``[B, C, H, W]`` distorted images (clean ones are returned unchanged).
 
-    Kinds are applied in registry order, each to its own images (one call per kind present), except kinds
-    registered ``whole_batch`` (``noise``): drawn for the whole batch, so that the stream of random numbers does
-    not depend on which images happen to be noisy (a fixed seed gives a fixed noise field per batch slot).
+    Kinds are applied in registry order. Each runs on the whole batch with a valid severity on the other images
+    (0 for kinds registered ``whole_batch``, the set's first severity of the kind otherwise), so the stream of
+    random numbers does not depend on which images drew which kind. ``blur`` gathers each image's own matrices
+    (:func:`~timm_icl.distortions.noise_blur.blur_indexed`). Kinds registered ``on_host`` (the JPEG codec) run on
+    their own images only, read once per batch: a constant number of syncs, not one per image.
     """
+    if conditions is None:
+        conditions = _conditions_present(kinds, sigmas)
+    plan = _plan(parse_distortions(conditions) if isinstance(conditions, str) else DistortionSet(list(conditions)))
+    tables = plan.tables(images.device)
+    kinds = kinds if kinds.device == images.device else kinds.to(images.device)
+    sigmas = sigmas if sigmas.device == images.device else sigmas.to(images.device)
     out = images
-    names = distortion_names()
-    for code in torch.unique(kinds).tolist():
-        if code == 0:
-            continue
-        if not 0 < code < len(names):
-            raise ValueError(f"kind code {code} is not a registered distortion (0-{len(names) - 1})")
-        spec = get_distortion(names[code])
-        mask = kinds == code
-        extra = {"clamp": False} if spec.name == "noise" and not clamp else {}
-        if spec.whole_batch:
-            severity = torch.where(mask, sigmas, torch.zeros_like(sigmas))
-            distorted = call_distortion(spec, images, severity, generator, **extra)
-            out = torch.where(mask.view(-1, 1, 1, 1).to(images.device), distorted, out)
-        else:
-            idx = mask.nonzero().view(-1).to(images.device)
-            distorted = call_distortion(spec, images.index_select(0, idx), sigmas[mask], generator, **extra)
-            out = out.index_copy(0, idx, distorted)
+    if not plan.kinds:
+        return out
+    with values_checked():
+        for kind, code in plan.kinds:
+            spec = get_distortion(kind)
+            mask = kinds == code
+            extra = {"clamp": False} if kind == "noise" and not clamp else {}
+            if kind == "blur":
+                match = (mask.view(-1, 1) & (sigmas.view(-1, 1).float() == tables["blur_sigmas"])).long()
+                local = (match * tables["blur_slots"]).sum(1)  # the matching condition's slot, else identity (0)
+                distorted = blur_indexed(images, local, plan.blur_params)
+            elif spec.on_host:
+                idx = mask.nonzero().view(-1)  # one read per batch for the codec, which runs on the host anyway
+                sub = call_distortion(spec, images.index_select(0, idx), sigmas.index_select(0, idx), generator)
+                out = out.index_copy(0, idx, sub.to(out.dtype))
+                continue
+            else:
+                neutral = 0.0 if spec.whole_batch else plan.neutral[kind]
+                severity = torch.where(mask, sigmas, torch.full_like(sigmas, neutral))
+                distorted = call_distortion(spec, images, severity, generator, **extra)
+            out = torch.where(mask.view(-1, 1, 1, 1), distorted.to(out.dtype), out)
     return out
+
+
+def _conditions_present(kinds: torch.Tensor, sigmas: torch.Tensor) -> DistortionSet:
+    """The distinct (kind, sigma) pairs of an ad-hoc batch (one read of the device)."""
+    names = distortion_names()
+    pairs = sorted(set(zip(kinds.tolist(), sigmas.float().tolist(), strict=True)))
+    conditions = []
+    for code, sigma in pairs:
+        if not 0 <= code < len(names):
+            raise ValueError(f"kind code {code} is not a registered distortion (0-{len(names) - 1})")
+        if code != 0:
+            conditions.append(Distortion(names[code], sigma))
+    return DistortionSet(conditions)
+
+
+class _Plan:
+    """What :func:`apply_distortions` needs of a set, computed once per set: the kinds present in registry order,
+    their codes, the blur parameters and each kind's neutral severity; small tables per device."""
+
+    def __init__(self, conditions: DistortionSet):
+        names = distortion_names()
+        present = {c.kind for c in conditions}
+        self.kinds = [(name, code) for code, name in enumerate(names) if name in present and name != "clean"]
+        self.neutral = {kind: conditions.of_kind(kind)[0].sigma for kind in present}
+        blur = conditions.of_kind("blur")
+        # slot 0 is the identity (sigma 0) for the images of other kinds
+        self.blur_params = ((0.0, None),) + tuple((float(c.sigma), c.kernel_size) for c in blur)
+        self._blur_sigmas = [float(c.sigma) for c in blur]
+        self._tables: dict[str, dict[str, torch.Tensor]] = {}
+
+    def tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = {
+                "blur_sigmas": torch.tensor(self._blur_sigmas, dtype=torch.float32).to(device),
+                "blur_slots": torch.arange(1, len(self._blur_sigmas) + 1).to(device),
+            }
+        return self._tables[key]
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(conditions: DistortionSet) -> _Plan:
+    key = (distortion_names(), tuple(conditions))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(conditions)
+    return plan
