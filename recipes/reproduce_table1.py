@@ -29,8 +29,10 @@ images for each N and writes ``results/train_size_sweep.{md,json,png}``: the ICL
 blur against the training-set size, with 95% intervals and paired tests (``--shared-reference`` trains one
 reference on all 54,000 fitting images instead: a practitioner's pretrained model, fine-tuned on less data; it is
 the 54,000-image protocol's own reference, the same run folder; ``--reference own,shared`` runs both).
-``--name when_icl_helps`` writes the report under another stem; the report is rewritten after each protocol, so a
-stopped invocation leaves a partial one (labelled so), and the next invocation reuses every finished run.
+``--name when_icl_helps`` writes the report under another stem; the report is rewritten after each round of seeds, so a
+stopped invocation leaves a partial one (labelled so), and the next invocation reuses every finished run. Every
+protocol's lambda sweep runs first, then the seeds round by round across the protocols (the report rewritten after
+each round); seed 0 of a constraint is its sweep run at the selected lambda (same arguments: the same run).
 
 Distortions: the paper's sigmas are meant for 224 px ImageNet images; for 28 px images the set is
 ``timm_icl.SMALL_IMAGE_DISTORTIONS`` (noise 30..150, blur 1..3 px with the paper's kernel rule), chosen so that the
@@ -313,9 +315,24 @@ def run_protocol(
     sched: str = "constant",
     reference_size: int | None = None,
 ) -> dict:
-    """Reference (unless given: trained on ``reference_size`` images), lambda sweep on validation (seed 0), then
-    every method for ``args.seeds`` seeds, each fine-tuned with the schedule ``sched`` and evaluated on the test
-    set. Returns the protocol's record (results unpacked)."""
+    """One whole protocol: :func:`start_protocol`, then :func:`run_seed` for ``args.seeds`` seeds."""
+    record = start_protocol(args, data_dir, runs, size, reference, sched, reference_size)
+    for seed in range(args.seeds):
+        run_seed(args, data_dir, record, seed)
+    return record
+
+
+def start_protocol(
+    args: argparse.Namespace,
+    data_dir: Path,
+    runs: Path,
+    size: int,
+    reference: Path | None,
+    sched: str = "constant",
+    reference_size: int | None = None,
+) -> dict:
+    """Reference (unless given: trained on ``reference_size`` images) and the lambda sweep on validation (seed 0),
+    fine-tuning with the schedule ``sched``. Returns the protocol's record, its seeds still to run."""
     constraints = [c for c in args.constraints.split(",") if c]
     runs = runs / f"n{size}"
     if reference is None:
@@ -324,8 +341,7 @@ def run_protocol(
         runs = runs.with_name(f"n{size}_ref{reference_size}")
     runs = runs / sched  # the reference is shared by the schedules, the fine-tuning runs are not
     record: dict = {"train_size": size, "reference_model": str(reference), "ft_sched": sched}
-    record["reference_size"] = reference_size or size
-    walls: dict[str, float] = {}
+    record.update(reference_size=reference_size or size, run_folder=str(runs), train_seconds={}, images_per_s={})
     record["reference_val"] = evaluate_run(args, reference, str(data_dir), "validation", None)
     record["reference_test"] = evaluate_run(args, reference, "fashion-mnist", "test", args.test_size)
 
@@ -338,7 +354,7 @@ def run_protocol(
             model = train_run(
                 args, data_dir, run_dir, size=size, constraint=constraint, lam=lam, init=reference, sched=sched
             )
-            walls[run_dir.name] = train_seconds(run_dir)
+            record["train_seconds"][run_dir.name] = train_seconds(run_dir)
             score = distorted_mean(evaluate_run(args, model, str(data_dir), "validation", None))
             sweep[constraint][f"{lam:g}"] = score
             print(
@@ -348,22 +364,35 @@ def run_protocol(
         selected[constraint] = float(max(sweep[constraint], key=sweep[constraint].get))
         print(f"[sweep n={size} {sched}] {constraint}: lambda {selected[constraint]:g} (paper: icl 0.1, mse 0.05)")
     record.update(sweep=sweep, selected_lambda=selected)
-
     record["runs"] = {m: [] for m in ["none"] + constraints}
-    speed: dict[str, list[float]] = {m: [] for m in record["runs"]}
-    for seed in range(args.seeds):
-        for method in record["runs"]:
-            run_dir = runs / f"{method}_s{seed}"
-            lam = selected[method]
-            model = train_run(
-                args, data_dir, run_dir, size=size, constraint=method, lam=lam, seed=seed, init=reference, sched=sched
-            )
-            walls[run_dir.name] = train_seconds(run_dir)
-            record["runs"][method].append(evaluate_run(args, model, "fashion-mnist", "test", args.test_size))
-            rate = images_per_second(run_dir)
-            speed[method] += [rate] if rate else []
-    record["images_per_s"] = {m: statistics.median(v) for m, v in speed.items() if v}
-    record["train_seconds"] = walls
+    record["run_dirs"] = {m: [] for m in record["runs"]}
+    return record
+
+
+def run_seed(args: argparse.Namespace, data_dir: Path, record: dict, seed: int) -> dict:
+    """Every method of a started protocol with one seed, evaluated on the test set. Seed 0 of a constraint is the
+    sweep's run at the selected lambda (the same arguments, so the same run: not trained twice)."""
+    runs, reference = Path(record["run_folder"]), Path(record["reference_model"])
+    for method in record["runs"]:
+        lam = record["selected_lambda"][method]
+        run_dir = runs / (f"sweep_{method}_l{lam:g}" if seed == 0 and method != "none" else f"{method}_s{seed}")
+        model = train_run(
+            args,
+            data_dir,
+            run_dir,
+            size=record["train_size"],
+            constraint=method,
+            lam=lam,
+            seed=seed,
+            init=reference,
+            sched=record["ft_sched"],
+        )
+        record["train_seconds"][f"{method}_s{seed}"] = train_seconds(run_dir)
+        record["runs"][method].append(evaluate_run(args, model, "fashion-mnist", "test", args.test_size))
+        record["run_dirs"][method].append(str(run_dir))
+        rates = [r for r in map(images_per_second, map(Path, record["run_dirs"][method])) if r]
+        if rates:
+            record["images_per_s"][method] = statistics.median(rates)
     return record
 
 
@@ -459,6 +488,29 @@ def seed_deltas(record: dict, constraint: str, group: str) -> list[float]:
     ]
 
 
+def seeds_t_test(deltas: list[float]) -> float | None:
+    """Two-sided one-sample t-test of per-seed deltas against 0 (df = seeds - 1): does the gain hold over training
+    runs? (The paired z-test over images treats the trained models as fixed.) None below 2 seeds or without
+    scipy."""
+    if len(deltas) < 2:
+        return None
+    try:
+        from scipy import stats
+    except ImportError:
+        return None
+    sd = statistics.stdev(deltas)
+    if sd == 0:
+        return 1.0 if statistics.fmean(deltas) == 0 else 0.0
+    t = statistics.fmean(deltas) / (sd / len(deltas) ** 0.5)
+    return float(2 * stats.t.sf(abs(t), len(deltas) - 1))
+
+
+def seeds_cell(deltas: list[float], better: str) -> str:
+    """``+0.57, -0.30, +1.28 (2/3, t p 0.37)``: per-seed deltas in points, seeds better, the seeds' t-test."""
+    p = seeds_t_test(deltas)
+    return ", ".join(f"{100 * d:+.2f}" for d in deltas) + f" ({better}" + (f", t p {p:.2g})" if p is not None else ")")
+
+
 def gains_table(records: list[dict]) -> str:
     """Markdown: constraint - fine-tuning in top-1 points per training-set size, reference and fine-tuning schedule:
     95% intervals, p-values, and the per-seed deltas (seeds better in brackets)."""
@@ -476,8 +528,7 @@ def gains_table(records: list[dict]) -> str:
                 for k, v in g.items()
             }
             seeds = {
-                k: ", ".join(f"{100 * d:+.2f}" for d in seed_deltas(record, constraint, k))
-                + f" ({g[k]['runs_better']}/{g[k]['runs']})"
+                k: seeds_cell(seed_deltas(record, constraint, k), f"{g[k]['runs_better']}/{g[k]['runs']}")
                 for k in ("noise", "blur")
             }
             lines.append(
@@ -493,8 +544,9 @@ def schedule_table(records: list[dict]) -> str:
     """Markdown: each run's mean top-1 under constant vs cosine fine-tuning (per method, seed-averaged), where a
     setting ran under both: which schedule a user should pick, before any constraint."""
     lines = [
-        "| training images | reference | method | group | constant | cosine | cosine - constant [95% CI] | p |",
-        "| ---: | --- | --- | --- | ---: | ---: | --- | ---: |",
+        "| training images | reference | method | group | constant | cosine | cosine - constant [95% CI] | p "
+        "| per-seed cosine - constant (better) |",
+        "| ---: | --- | --- | --- | ---: | ---: | --- | ---: | --- |",
     ]
     settings: dict[tuple, dict[str, dict]] = {}
     for record in records:
@@ -515,7 +567,15 @@ def schedule_table(records: list[dict]) -> str:
                     + (f" / {cosine['selected_lambda'][method]:g}" if method != "none" else "")
                     + f" | {group} | {100 * mean['constant']:.2f} | "
                     f"{100 * mean['cosine']:.2f} | {100 * g['mean_difference']:+.2f} [{100 * g['low']:+.2f}, "
-                    f"{100 * g['high']:+.2f}] | {g['p_value']:.3g} |"
+                    f"{100 * g['high']:+.2f}] | {g['p_value']:.3g} | "
+                    + seeds_cell(
+                        [
+                            summarize(a["conditions"])[group] - summarize(b["conditions"])[group]
+                            for a, b in zip(cosine["runs"][method], constant["runs"][method])
+                        ],
+                        f"{g['runs_better']}/{g['runs']}",
+                    )
+                    + " |"
                 )
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -575,9 +635,9 @@ def write_reports(payload: dict, json_path: Path) -> str:
     """``.md`` and ``.png`` next to ``json_path`` from a payload (results unpacked). Returns the Markdown."""
     config, records = payload["config"], payload["protocols"]
     quick = "  (QUICK MODE: pipeline check only)" if config.get("quick") else ""
-    planned = payload.get("planned_protocols", len(records))
-    if len(records) < planned:
-        quick += f"  (PARTIAL: {len(records)} of {planned} protocols finished)"
+    planned, done = payload.get("planned_seeds", 0), min(len(r["runs"]["none"]) for r in records)
+    if done < planned:
+        quick += f"  (PARTIAL: {done} of {planned} seeds finished in every protocol)"
     scheds = list(dict.fromkeys(schedule_of(r) for r in records))
     grid = ", ".join(sorted({k for r in records for v in r["sweep"].values() for k in v}, key=float))
     setup = (
@@ -618,7 +678,10 @@ def write_reports(payload: dict, json_path: Path) -> str:
             "",
             "Δ = constraint - fine-tuning on the same test images; interval and p from a paired z-test on each "
             "image's accuracy averaged over the group's sigmas and the seeds; per-seed Δ = the constraint run minus "
-            "the fine-tuning run of the same seed (same data order and distortion draws), seeds better in brackets.",
+            "the fine-tuning run of the same seed (same data order and distortion draws), seeds better in brackets, "
+            "with `t p`: a one-sample t-test of the per-seed deltas (df = seeds - 1). The z-test's p treats the "
+            "trained models as fixed and asks whether they differ on these test images; the seeds' t-test asks "
+            "whether the gain holds over training runs, and with 3 seeds it has little power.",
             "",
             gains_table(records),
             "",
@@ -688,17 +751,20 @@ def main(argv: list[str] | None = None) -> int:
     plan = [p for p in plan if not (p[0] == "shared" and p[1] == fitting and ("own", *p[1:]) in plan)]  # the same
     json_path = args.out / f"{stem_of(args)}.json"
     records: list[dict] = []
-    for ref, size, sched in plan:  # the report is rewritten after each protocol: a stopped run leaves a partial one
+    for ref, size, sched in plan:  # every protocol's reference and lambda sweep first
         shared = None
         if ref == "shared":
             shared = train_run(args, data_dir, runs / f"n{fitting}" / "reference", size=fitting, constraint="none")
-        records.append(run_protocol(args, data_dir, runs, size, shared, sched, fitting if shared else None))
+        records.append(start_protocol(args, data_dir, runs, size, shared, sched, fitting if shared else None))
+    for seed in range(args.seeds):  # then seed by seed across the protocols, the report rewritten after each round:
+        for record in records:  # a stopped invocation leaves a partial report with as many seeds in every protocol
+            run_seed(args, data_dir, record, seed)
         payload = {
             "mode": args.mode,
             "config": {k: v for k, v in vars(args).items() if k not in ("report_only", "reused")},
             "distortions": parse_distortions(args.distortions).to_text(),
             "protocols": records,
-            "planned_protocols": len(plan),
+            "planned_seeds": args.seeds,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"timm {__import__('timm').__version__}, timm-icl {timm_icl.__version__}",
             "wall_seconds": time.perf_counter() - wall_start,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from timm_icl import cli
 from timm_icl.eval import compare_runs, load_results, summarize
@@ -123,7 +124,8 @@ def test_train_size_report_gains_from_paired_tests(tmp_path):
             summarize(a["conditions"])["noise"] - summarize(b["conditions"])["noise"]
             for a, b in zip(record["runs"]["icl"], record["runs"]["none"])
         ]
-        assert cells[9] == ", ".join(f"{100 * d:+.2f}" for d in per_seed) + " (3/3)"
+        t_p = scipy.stats.ttest_1samp(per_seed, 0.0).pvalue  # the seeds' t-test, df 2
+        assert cells[9] == ", ".join(f"{100 * d:+.2f}" for d in per_seed) + f" (3/3, t p {t_p:.2g})"
     assert "ICL step time / plain: 1.25x" in md
     assert "Training wall time per run (s, this machine, shared CPU): icl_s0 25; none_s0 20; sweep_icl_l0.1 30." in md
     # the report written during a run (insertion-ordered dicts) = the one rebuilt from the sorted JSON file
@@ -196,8 +198,13 @@ def test_protocol_plan_by_reference_and_schedule(tmp_path, monkeypatch):
         "runs/fashion_mnist/n54000/reference",
     }
     assert all(c["sched"] == c["dir"].parent.name for c in fine_tuning)  # runs/.../<size>/<sched>/<run>
-    # 3 settings (54k shared = 54k own: the same folders) x 2 schedules x (3 sweep runs + 3 methods x 3 seeds)
-    assert len({c["dir"] for c in fine_tuning}) == 3 * 2 * (2 + 1 + 3 * 3)
+    # 3 settings (54k shared = 54k own: the same folders) x 2 schedules x (3 sweep runs + 3 fine-tuning seeds + 2
+    # seeds of each constraint: seed 0 is its sweep run at the selected lambda, the same arguments)
+    assert len({c["dir"] for c in fine_tuning}) == 3 * 2 * (2 + 1 + 3 + 2 * 2)
+    first = json.loads((tmp_path / "contrast.json").read_text())["protocols"][0]
+    lam = f"{first['selected_lambda']['icl']:g}"
+    assert [Path(d).name for d in first["run_dirs"]["icl"]] == [f"sweep_icl_l{lam}", "icl_s1", "icl_s2"]
+    assert [Path(d).name for d in first["run_dirs"]["none"]] == ["none_s0", "none_s1", "none_s2"]
     shared_3k = [c for c in fine_tuning if c["dir"].parts[-3] == "n3000_ref54000"]
     assert shared_3k and all(c["init"].parent.name == "reference" and "n54000" in str(c["init"]) for c in shared_3k)
     saved = json.loads((tmp_path / "contrast.json").read_text())
@@ -231,3 +238,25 @@ def test_settings_errors_and_grids():
     ):
         with pytest.raises(SystemExit, match=message):
             parse(argv)
+
+
+def test_stopped_invocation_leaves_a_partial_report_with_whole_seed_rounds(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+
+    def fake_train(args, data_dir, run_dir, *, size, constraint, lam=None, seed=0, init=None, sched="cosine"):
+        if seed == 1 and sched == "cosine":
+            raise KeyboardInterrupt  # stopped during the second round of seeds
+        (run_dir / "model").mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "images_per_s": 100.0}) + "\n")
+        return run_dir / "model"
+
+    monkeypatch.setattr(reproduce_table1, "train_run", fake_train)
+    monkeypatch.setattr(reproduce_table1, "prepare_data", lambda args, d: d)
+    monkeypatch.setattr(reproduce_table1, "evaluate_run", lambda *a: _fake_result(rng, 0.5))
+    argv = ["--train-sizes", "12000", "--seeds", "3", "--constraints", "icl", "--lambdas", "0.1,1"]
+    argv += ["--ft-sched", "constant,cosine", "--name", "partial", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        reproduce_table1.main(argv)
+    saved = json.loads((tmp_path / "partial.json").read_text())
+    assert [len(r["runs"]["icl"]) for r in saved["protocols"]] == [1, 1]  # round 0 of both schedules
+    assert "(PARTIAL: 1 of 3 seeds finished in every protocol)" in (tmp_path / "partial.md").read_text()
