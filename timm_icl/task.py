@@ -37,6 +37,16 @@ __all__ = ["ICLTask"]
 _logger = logging.getLogger(__name__)
 
 
+def _no_autocast(device: torch.device):
+    """Leave any autocast region of ``device``'s type: what runs inside computes in its tensors' own dtypes."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _full_precision(images: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 images -> float32 (the distortions' precision); float32/float64 stay as they are."""
+    return images.float() if images.dtype in (torch.float16, torch.bfloat16) else images
+
+
 class ICLTask(TrainingTask):
     """Intermediate Constraint Loss fine-tuning task (and its baselines).
 
@@ -59,6 +69,10 @@ class ICLTask(TrainingTask):
         seed: seed of the distortion sampler (use a different seed per rank).
 
     ``forward(images, target)`` returns ``{"loss", "output", "task_loss", "constraint_loss"}``.
+
+    Precision: the distortions run in float32 and the reference in its own dtype (``reference_dtype``, default the
+    student's), both outside any autocast region; only the student runs under the caller's autocast. So live
+    targets are the bits a :class:`~timm_icl.target_cache.TargetCache` holds, at any mixed precision.
 
     Example:
         >>> task = ICLTask(timm.create_model("vgg_tiny"), constraint="icl", seed=0)
@@ -207,10 +221,13 @@ class ICLTask(TrainingTask):
         needs_values = getattr(self.constraint, "needs_reference_values", True)
         transform = (lambda h: h.float()) if needs_values else (lambda h: h > 0)
         ref_dtype = next(ref.parameters()).dtype
-        x = self.normalize(images).to(ref_dtype)
-        if self.reference_channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return run_until_captured(ref, x, self.layers, transform=transform)
+        # the precision policy: the reference runs in its own dtype, never under the caller's autocast, so live
+        # targets are the bits a TargetCache built outside autocast holds
+        with _no_autocast(images.device):
+            x = self.normalize(images).to(ref_dtype)
+            if self.reference_channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return run_until_captured(ref, x, self.layers, transform=transform)
 
     def _check_input(self, images: torch.Tensor) -> None:
         # The shape on every call (free); the float range once per task (one device sync): a normalised batch
@@ -241,12 +258,15 @@ class ICLTask(TrainingTask):
             distorted images) and ``constraint_loss`` (float32, unweighted; 0 for plain fine-tuning).
         """
         self._check_input(input)
-        input = to_unit_float(input)
         if isinstance(self.constraint, JSDConsistencyLoss):
             return self._forward_views(input, target)
-        distorted, _ = self.sampler(input)
-        if self.constraint is not None and reference_targets is None:
-            reference_targets = self.reference_targets(input)
+        # the precision policy: distortions (and the reference) in float32 outside autocast; only the student
+        # below runs under the caller's autocast
+        with _no_autocast(input.device):
+            input = _full_precision(to_unit_float(input))
+            distorted, _ = self.sampler(input)
+            if self.constraint is not None and reference_targets is None:
+                reference_targets = self.reference_targets(input)
 
         student = self.get_eval_model()  # hooks go on the unwrapped module; the call goes through the wrapper
         if self.constraint is not None:
@@ -269,7 +289,10 @@ class ICLTask(TrainingTask):
         """The JSD constraint (timm's AugMix recipe, no reference): views ``[distorted, clean, distorted']`` in one
         forward; ``CE(first view) + lambda * JSD(views)`` is timm's ``JsdCrossEntropy`` on these logits, with the
         cross-entropy on a distorted view like every other constraint's (timm puts the clean view first)."""
-        views = [self.sampler(input)[0], input] + [self.sampler(input)[0] for _ in range(self.constraint.num_views - 2)]
+        with _no_autocast(input.device):
+            input = _full_precision(to_unit_float(input))
+            views = [self.sampler(input)[0], input]
+            views += [self.sampler(input)[0] for _ in range(self.constraint.num_views - 2)]
         logits_all = self.trainable_module(self.normalize(torch.cat(views)))
         logits = logits_all[: input.shape[0]]
         task_loss = self.criterion(logits, target)
