@@ -98,6 +98,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="training crops: 'eval' (the validation crop, deterministic; the paper's) or 'timm' (timm's random "
         "resized crop + flip + colour jitter); the reference always sees the student's clean crop",
     )
+    group = parser.add_argument_group(
+        "augmentation (timm's flags; the frozen reference sees the same augmented, mixed clean image as the student, "
+        "before distortion)"
+    )
+    group.add_argument("--aa", default=None, help="timm's AutoAugment policy, e.g. rand-m9-mstd0.5, augmix-m5-w4")
+    group.add_argument("--hflip", type=float, default=None, help="horizontal flip probability (timm: 0.5)")
+    group.add_argument("--vflip", type=float, default=None, help="vertical flip probability (timm: 0)")
+    group.add_argument("--scale", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="random crop area")
+    group.add_argument("--ratio", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="crop aspect ratio")
+    group.add_argument("--color-jitter", type=float, default=None, help="colour jitter strength (timm: 0.4)")
+    group.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (on the device)")
+    group.add_argument("--remode", default="pixel", help="random erasing mode: const, rand, pixel")
+    group.add_argument("--recount", type=int, default=1, help="random erasing count")
+    group.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha (timm's Mixup, on the device)")
+    group.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha")
+    group.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+    group.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
+    group.add_argument("--mixup-switch-prob", type=float, default=0.5, help="CutMix instead of Mixup, when both")
+    group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+    group.add_argument(
+        "--jsd-loss",
+        action="store_true",
+        help="timm's AugMix + JSD recipe: the same as --constraint jsd (three views, no reference)",
+    )
+    group.add_argument(
+        "--aug-splits", type=int, default=0, help="timm's augmentation splits: 3 with --jsd-loss (0: none)"
+    )
+    group = parser.add_argument_group("data subsets")
     group.add_argument("--max-train-samples", type=int, default=None, help="use only the first N training samples")
     group.add_argument("--train-samples-per-epoch", type=int, default=None, help="a random subset of N per epoch")
     group.add_argument("--max-val-samples", type=int, default=None, help="validate on the first N samples")
@@ -212,6 +240,7 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError as e:
             raise SettingsError(str(e)) from None
         args.distortions = args.distortions or "paper"
+        resolve_augmentation(args)
         if args.constraint == "none":  # plain fine-tuning: lambda 0, whatever a shared config says
             args.constraint_weight = 0.0
         if args.amp and args.mixed_precision in (None, "no"):  # timm's --amp / --amp-dtype spelled accelerate's way
@@ -242,6 +271,90 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     except SettingsError as e:
         sys.exit(f"error: {e}")
     return args
+
+
+TRAIN_AUGMENTATIONS = ("aa", "hflip", "vflip", "scale", "ratio", "color_jitter", "train_interpolation")
+
+
+def resolve_augmentation(args: argparse.Namespace) -> None:
+    """timm's augmentation flags: any crop-time one turns on timm's training transform; ``--jsd-loss`` /
+    ``--aug-splits 3`` are the JSD constraint; random augmentations with cached reference targets are refused."""
+    if args.jsd_loss:
+        args.constraint = "jsd"
+    if args.aug_splits not in (0, 3):
+        raise SettingsError(
+            f"--aug-splits {args.aug_splits}: the JSD constraint uses 3 views (clean + 2 distorted); pass 3 or 0"
+        )
+    if args.aug_splits == 3 and args.constraint != "jsd":
+        raise SettingsError("--aug-splits 3 is timm's AugMix + JSD recipe: add --jsd-loss (= --constraint jsd)")
+    if any(getattr(args, k) is not None for k in TRAIN_AUGMENTATIONS):
+        args.train_transform = "timm"
+    random = [k for k in TRAIN_AUGMENTATIONS if getattr(args, k) is not None]
+    random += [k for k in ("reprob", "mixup", "cutmix") if getattr(args, k)] + (
+        ["cutmix_minmax"] if args.cutmix_minmax else []
+    )
+    if args.train_transform != "eval":
+        random.append(f"train_transform {args.train_transform}")
+    if random and args.reference_targets not in (None, "", "live"):
+        raise SettingsError(
+            f"--reference-targets {args.reference_targets}: the training crops are random ({', '.join(random)}), so "
+            "bits cached once would belong to other pixels; use --reference-targets live"
+        )
+
+
+def train_options(args: argparse.Namespace) -> dict:
+    """timm's ``create_transform`` keyword arguments of the crop-time augmentation flags (None: timm's default)."""
+    return {
+        "auto_augment": args.aa,
+        "hflip": args.hflip,
+        "vflip": args.vflip,
+        "scale": tuple(args.scale) if args.scale else None,
+        "ratio": tuple(args.ratio) if args.ratio else None,
+        "color_jitter": args.color_jitter,
+        "interpolation": args.train_interpolation,
+    }
+
+
+def create_batch_augment(args: argparse.Namespace, num_classes: int, device: torch.device):
+    """Random erasing and Mixup/CutMix on the clean float batch on the device (timm's ``RandomErasing`` and
+    ``Mixup``), before the task distorts it: the student and the frozen reference see the same mixed image. None
+    when neither is asked for. Mixup returns soft targets (and applies ``--smoothing`` itself)."""
+    if not (args.reprob or args.mixup or args.cutmix or args.cutmix_minmax):
+        return None
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+
+    from timm_icl.data.preprocess import to_unit_float
+
+    erase = (
+        RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=str(device))
+        if args.reprob
+        else None
+    )
+    mixup = None
+    if args.mixup or args.cutmix or args.cutmix_minmax:
+        mixup = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=num_classes,
+        )
+
+    def augment(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = to_unit_float(images)
+        if erase is not None:  # timm erases normalised images; here the [0, 1] image, its noise clamped to [0, 1]
+            images = erase(images).clamp_(0, 1)
+        if mixup is not None and len(images) % 2 == 0:  # timm's Mixup pairs images: an odd last batch stays unmixed
+            images, labels = mixup(images, labels)
+        elif mixup is not None:
+            labels = torch.nn.functional.one_hot(labels, num_classes).float()
+        return images, labels
+
+    return augment
 
 
 def resolve_batch(args: argparse.Namespace, world: int) -> str:
@@ -390,6 +503,7 @@ def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, wor
         max_samples=args.max_train_samples,
         samples_per_epoch=args.train_samples_per_epoch,
         train_transform=args.train_transform,
+        train_options=train_options(args) if args.train_transform == "timm" else None,
         **loader_kwargs,
     )
     val_loader = None
@@ -447,7 +561,10 @@ def create_task(args: argparse.Namespace, model: torch.nn.Module, rank: int, dev
         clean_fraction=args.clean_fraction,
         alpha=args.alpha,
         margin=args.margin,
-        criterion=torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing),
+        # with Mixup/CutMix the targets are soft and already smoothed by timm's Mixup
+        criterion=torch.nn.CrossEntropyLoss(
+            label_smoothing=0.0 if (args.mixup or args.cutmix or args.cutmix_minmax) else args.smoothing
+        ),
         seed=args.seed + rank,
     )
     task = task.to(device)
@@ -526,6 +643,7 @@ class Run:
     target_cache: Any = None  # cached reference targets (--reference-targets cache|PATH); None: live reference
     signals: StopSignals = field(default_factory=StopSignals)  # preemption / Ctrl-C: checkpoint and stop
     callbacks: list = field(default_factory=list)  # objects with on_batch/on_step_end/on_epoch_end (tests, tools)
+    augment: Any = None  # create_batch_augment: random erasing / Mixup on the device, or None
 
     @property
     def is_main(self) -> bool:
@@ -835,6 +953,8 @@ def train(run: Run) -> tuple[dict | None, bool]:
             cached = None if run.target_cache is None else run.target_cache.lookup(batch.ids, device=device)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            if run.augment is not None:  # erasing / Mixup on the clean batch: the reference sees it as the student
+                images, labels = run.augment(images, labels)
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if weight > 0:
@@ -1023,6 +1143,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 
     run = Run(args, accelerator, model_name, init, data, task, student, opt, Path(args.output_dir))
     run.callbacks = list(callbacks or [])
+    run.augment = create_batch_augment(args, task.get_eval_model().num_classes, accelerator.device)
     resume(run)
     open_run_folder(run, data.image_size)
     setup_target_cache(run)

@@ -228,6 +228,7 @@ def create_dataset(
     train_transform: str = "eval",
     jpeg_draft: bool = False,
     max_samples: int | None = None,
+    train_options: Mapping[str, Any] | None = None,
 ) -> tuple[Dataset | IterableDataset, dict]:
     """Open an image-classification dataset yielding ``(uint8 [3, H, W], label)`` samples.
 
@@ -264,7 +265,11 @@ def create_dataset(
     )
     if config is None and train_transform != "eval":
         raise ValueError(f"train_transform={train_transform!r} needs an image size or a data_config")
-    transform = ImageTransform(config, training=train_transform, draft=jpeg_draft) if config is not None else None
+    transform = (
+        ImageTransform(config, training=train_transform, draft=jpeg_draft, options=train_options)
+        if config is not None
+        else None
+    )
     info: dict[str, Any] = {
         "dataset": name_or_path,
         "split": split,

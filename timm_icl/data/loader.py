@@ -150,6 +150,7 @@ def create_loader(
     crop_mode: str | None = None,
     data_config: Mapping[str, Any] | None = None,
     train_transform: str = "eval",
+    train_options: Mapping[str, Any] | None = None,
     jpeg_draft: bool = False,
     pin_memory: bool = False,
     samples_per_epoch: int | None = None,
@@ -199,6 +200,7 @@ def create_loader(
         crop_mode=crop_mode,
         data_config=data_config,
         train_transform=train_transform,
+        train_options=train_options,
         jpeg_draft=jpeg_draft,
         max_samples=max_samples,
     )

@@ -235,6 +235,7 @@ class ImageTransform:
         training: str = "eval",
         draft: bool = False,
         max_aspect_ratio: float = MAX_ASPECT_RATIO,
+        options: Mapping[str, Any] | None = None,
     ):
         from timm.data import create_transform
 
@@ -243,13 +244,19 @@ class ImageTransform:
         self.config = {k: config[k] for k in DATA_CONFIG_KEYS if k in config}
         self.training, self.max_aspect_ratio = training, float(max_aspect_ratio)
         self.draft_size = _scale_size(self.config) if draft and training == "eval" else None
+        # timm's training augmentations by their create_transform names (auto_augment, hflip, vflip, scale, ratio,
+        # color_jitter, interpolation), for training="timm" only; random erasing runs on the device (see the recipe)
+        self.options = {k: v for k, v in dict(options or {}).items() if v is not None}
+        if self.options and training != "timm":
+            raise ValueError(f"training augmentations {sorted(self.options)} need training='timm'")
+        kwargs = {"interpolation": self.config.get("interpolation", "bilinear"), **self.options}
         self.transform = create_transform(
             input_size=tuple(self.config["input_size"]),
             is_training=training == "timm",
-            interpolation=self.config.get("interpolation", "bilinear"),
             crop_pct=self.config.get("crop_pct"),
             crop_mode=self.config.get("crop_mode"),
             normalize=False,  # -> MaybePILToTensor: uint8, no scaling
+            **kwargs,
         )
 
     @property
