@@ -178,19 +178,34 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--sched",
         default="constant",
-        choices=["constant", "cosine", "step", "tanh", "poly", "wsd"],
-        help="timm schedule, stepped per optimizer step",
+        choices=["constant", "cosine", "step", "multistep", "tanh", "poly", "wsd"],
+        help="timm schedule, stepped per optimizer step (timm's 'plateau' steps on a validation metric per epoch, "
+        "which per-step stepping and streams of unknown length do not have: not offered)",
     )
     group.add_argument("--warmup-epochs", type=float, default=0, help="linear warmup from --warmup-lr (epochs)")
     group.add_argument("--warmup-steps", type=int, default=0, help="the same in optimizer steps (added to the above)")
     group.add_argument("--warmup-lr", type=float, default=0.0, help="learning rate at the start of warmup")
     group.add_argument("--min-lr", type=float, default=0.0, help="cosine / poly / tanh: the final learning rate")
     group.add_argument("--decay-epochs", type=float, default=10, help="step schedule: epochs between decays")
-    group.add_argument("--decay-rate", type=float, default=0.1, help="step: factor per decay")
+    group.add_argument("--decay-rate", type=float, default=0.1, help="step / multistep: factor per decay")
+    group.add_argument(
+        "--decay-milestones",
+        type=float,
+        nargs="+",
+        default=[30, 60],
+        metavar="EPOCH",
+        help="multistep: after each of these many epochs the learning rate is multiplied by --decay-rate",
+    )
     group.add_argument("--smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
     group.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
     group.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (validated, exported)")
     group.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per optimizer step")
+    group.add_argument(
+        "--model-ema-warmup",
+        action="store_true",
+        help="timm's EMA warmup: decay min(--model-ema-decay, 1 - (1 + t)^(-2/3)), t = steps - 1, so a short "
+        "run's EMA follows the weights instead of staying at the start",
+    )
     group.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
     group = parser.add_argument_group("hardware")
     group.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
@@ -569,7 +584,7 @@ def create_task(args: argparse.Namespace, model: torch.nn.Module, rank: int, dev
     )
     task = task.to(device)
     if args.model_ema:  # timm's task EMA (ModelEmaV3) of the student, before any DDP / compile wrapping
-        task.setup_ema(decay=args.model_ema_decay)
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
     return task
 
 
@@ -609,6 +624,9 @@ def create_optimization(args: argparse.Namespace, task: ICLTask, data: Data, wor
         num_epochs=total_steps or 1,
         decay_epochs=max(1, round(args.decay_epochs * per_epoch)),
         decay_rate=args.decay_rate,
+        # timm's MultiStepLRScheduler decays once t + 1 reaches a milestone: +1 so that the first optimizer step
+        # after m epochs is the first at the lower rate
+        decay_milestones=[round(m * per_epoch) + 1 for m in args.decay_milestones],
         min_lr=args.min_lr,
         warmup_lr=args.warmup_lr,
         warmup_epochs=round(args.warmup_epochs * per_epoch) + args.warmup_steps,

@@ -84,3 +84,30 @@ def test_recipe_trains_with_timm_augmentations(tmp_path):
     assert train_icl.main(argv) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if r["kind"] == "train"]) == 3 and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_multistep_schedule_and_ema_warmup(tmp_path):
+    data = make_image_folder(tmp_path / "pets")  # 18 images, -b 6: 3 steps per epoch
+    argv = ["--model", "vgg_tiny", "--no-pretrained", "--constraint", "none", str(data), "--val-split", "none",
+            "-b", "6", "-j", "0", "--img-size", "24", "--epochs", "3", "--lr", "0.1", "--sched", "multistep",
+            "--decay-milestones", "1", "2", "--decay-rate", "0.5", "--log-every", "1",
+            "--output-dir", str(tmp_path / "r")]  # fmt: skip
+    assert train_icl.main(argv) == 0
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert lrs == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025] * 3)
+
+    args = train_icl.parse_settings(["--model-ema", "--model-ema-warmup", "--constraint", "none"])
+    model = timm.create_model("vgg_tiny")
+    task = train_icl.create_task(args, model, 0, torch.device("cpu"))
+    ema = task.get_trainable_module(ema=True)
+    model = task.get_trainable_module()  # the student the EMA follows
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    task.update_ema(step=3)
+    decay = min(0.9998, 1 - (1 + 2) ** (-2 / 3))  # timm's warmup: step 3 counts as 2 (ModelEmaV3, no update_after)
+    name = "head.fc.weight"
+    expected = decay * before[name] + (1 - decay) * model.state_dict()[name]
+    torch.testing.assert_close(ema.module.state_dict()[name], expected)
