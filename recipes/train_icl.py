@@ -675,14 +675,20 @@ class Run:
         if self.is_main:
             tqdm.write(message)
 
+    @property
+    def interactive(self) -> bool:
+        """Progress bars only on a terminal; piped to a file, periodic log lines (timm's style) instead."""
+        return sys.stderr.isatty()
+
     def log(self, record: dict) -> None:
+        record = {**record, "time": round(time.time(), 3)}  # wall-clock seconds since the epoch
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
             self.metrics_records += 1
         if self.args.log_with:
             step = record.get("step", 0)
-            values = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+            values = {k: v for k, v in record.items() if isinstance(v, int | float) and k not in ("step", "time")}
             self.accelerator.log(values, step=step)
 
     def any_rank(self, flag: bool) -> bool:
@@ -906,6 +912,13 @@ def validate(run: Run, epoch: int) -> dict | None:
         run.say(f"epoch {epoch}{' (EMA)' if ema else ''}: {line}")
         record.update({f"{prefix}/{k}": v for k, v in summary.items()})
         record.update({f"{prefix}/{name}": c["top1"] for name, c in evaluated["conditions"].items()})
+        record.update(
+            {
+                f"{prefix}/{name}_top5": c["top5"]
+                for name, c in evaluated["conditions"].items()
+                if c.get("top5") is not None
+            }
+        )
         if run.is_main:
             (run.run_dir / ("eval_ema.json" if ema else "eval.json")).write_text(json.dumps(evaluated, indent=1) + "\n")
         if ema:
@@ -914,6 +927,20 @@ def validate(run: Run, epoch: int) -> dict | None:
     run.task.train()
     run.log(record)
     return results
+
+
+def progress_line(epoch, step, steps_per_epoch, loss, task_loss, constraint_loss, lr, rate) -> str:
+    """One timm-style log line: ``Train: 0 [ 12/100 ( 12%)]  step 12  loss 2.3012 (ce 2.2990, constraint 0.0220)
+    lr 1.00e-03  412.3 img/s`` (the step in the epoch and its share when the epoch's length is known)."""
+    where = f"step {step}"
+    if steps_per_epoch:
+        in_epoch = (step - 1) % steps_per_epoch + 1
+        width = len(str(steps_per_epoch))
+        where = f"[{in_epoch:>{width}}/{steps_per_epoch} ({100 * in_epoch / steps_per_epoch:3.0f}%)]  step {step}"
+    return (
+        f"Train: {epoch} {where}  loss {loss:.4f} (ce {task_loss:.4f}, constraint {constraint_loss:.4f})  "
+        f"lr {lr:.2e}  {rate:.1f} img/s"
+    )
 
 
 def stand_in_batch(run: Run) -> StreamBatch:
@@ -952,7 +979,7 @@ def train(run: Run) -> tuple[dict | None, bool]:
         bar = tqdm(
             total=steps_per_epoch * images_per_step if steps_per_epoch else None,
             initial=skip // args.grad_accum_steps * images_per_step,
-            disable=not run.is_main,
+            disable=not run.is_main or not run.interactive,  # piped to a file: log lines, not bar redraws
             desc=f"epoch {epoch}",
             unit="img",
             unit_scale=True,
@@ -1013,6 +1040,12 @@ def train(run: Run) -> tuple[dict | None, bool]:
                 window.zero_()
                 rate = images_done * world / (time.perf_counter() - tic)
                 bar.set_postfix(loss=f"{loss:.4f}", ce=f"{task_loss:.4f}", icl=f"{constraint_loss:.4f}", lr=f"{lr:.2e}")
+                if not run.interactive:
+                    run.say(
+                        progress_line(
+                            epoch, position["step"], steps_per_epoch, loss, task_loss, constraint_loss, lr, rate
+                        )
+                    )
                 record = {"kind": "train", "step": position["step"], "epoch": epoch, "loss": loss}
                 record.update(task_loss=task_loss, constraint_loss=constraint_loss, lr=lr, images_per_s=rate)
                 record.update(skipped=train_loader.num_skipped)
@@ -1132,6 +1165,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     mismatch = cpu_launch_mismatch()
     if mismatch and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(f"warning: {mismatch}", file=sys.stderr, flush=True)
+    if not sys.stderr.isatty():  # piped to a file: no progress-bar redraws from datasets either
+        import datasets
+
+        datasets.disable_progress_bars()
     if args.dry_run:
         print(yaml.safe_dump(vars(args), sort_keys=False), end="")
         return 0
