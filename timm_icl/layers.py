@@ -27,7 +27,32 @@ from .capture import INPUT_SUFFIX, capture_preactivations, resolve_layers
 
 __all__ = ["default_layers", "candidate_layers", "LAYER_PRESETS"]
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Tanh, nn.Sigmoid)
+_TORCH_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus,
+)  # fmt: skip
+
+
+def _timm_activations() -> tuple[type, ...]:
+    """timm's own activation modules (``timm.layers.activations``: GELU, GELUTanh, QuickGELU, Swish, HardSwish,
+    Mish, ...; and the memory-efficient ``*Me`` variants), which are not subclasses of torch's."""
+    import inspect
+
+    found: list[type] = []
+    for module_name in ("timm.layers.activations", "timm.layers.activations_me"):
+        try:
+            module = __import__(module_name, fromlist=["_"])
+        except ImportError:
+            continue
+        found += [
+            cls
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, nn.Module) and cls.__module__ == module.__name__
+        ]
+    return tuple(found)
+
+
+_ACTIVATIONS = _TORCH_ACTIVATIONS + _timm_activations()
 
 
 def _vgg(model: nn.Module) -> list[str]:
