@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 import timm_icl
 from timm_icl import ICLTask, evaluate_robustness, parse_distortions
 from timm_icl.data import check_dataset_access, check_labels, create_loader
+from timm_icl.data.augment import BatchAugment, resolve_augmentation, transform_options
 from timm_icl.data.flags import add_data_args, image_size_of, resolve_data_args
 from timm_icl.data.stream import StreamBatch
 from timm_icl.distortions.plugins import load_distortion_plugins
@@ -57,6 +58,7 @@ from timm_icl.train.guard import NonFiniteGuard
 from timm_icl.train.run_files import keep_metrics
 from timm_icl.train.signals import StopSignals
 from timm_icl.train.tracking import flat_config, parse_trackers, tracker_init_kwargs
+from timm_icl.utils.errors import first_line
 from timm_icl.utils.launch import cpu_launch_mismatch
 
 
@@ -255,7 +257,10 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError as e:
             raise SettingsError(str(e)) from None
         args.distortions = args.distortions or "paper"
-        resolve_augmentation(args)
+        try:
+            resolve_augmentation(args)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
         if args.constraint == "none":  # plain fine-tuning: lambda 0, whatever a shared config says
             args.constraint_weight = 0.0
         if args.amp and args.mixed_precision in (None, "no"):  # timm's --amp / --amp-dtype spelled accelerate's way
@@ -288,90 +293,6 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-TRAIN_AUGMENTATIONS = ("aa", "hflip", "vflip", "scale", "ratio", "color_jitter", "train_interpolation")
-
-
-def resolve_augmentation(args: argparse.Namespace) -> None:
-    """timm's augmentation flags: any crop-time one turns on timm's training transform; ``--jsd-loss`` /
-    ``--aug-splits 3`` are the JSD constraint; random augmentations with cached reference targets are refused."""
-    if args.jsd_loss:
-        args.constraint = "jsd"
-    if args.aug_splits not in (0, 3):
-        raise SettingsError(
-            f"--aug-splits {args.aug_splits}: the JSD constraint uses 3 views (clean + 2 distorted); pass 3 or 0"
-        )
-    if args.aug_splits == 3 and args.constraint != "jsd":
-        raise SettingsError("--aug-splits 3 is timm's AugMix + JSD recipe: add --jsd-loss (= --constraint jsd)")
-    if any(getattr(args, k) is not None for k in TRAIN_AUGMENTATIONS):
-        args.train_transform = "timm"
-    random = [k for k in TRAIN_AUGMENTATIONS if getattr(args, k) is not None]
-    random += [k for k in ("reprob", "mixup", "cutmix") if getattr(args, k)] + (
-        ["cutmix_minmax"] if args.cutmix_minmax else []
-    )
-    if args.train_transform != "eval":
-        random.append(f"train_transform {args.train_transform}")
-    if random and args.reference_targets not in (None, "", "live"):
-        raise SettingsError(
-            f"--reference-targets {args.reference_targets}: the training crops are random ({', '.join(random)}), so "
-            "bits cached once would belong to other pixels; use --reference-targets live"
-        )
-
-
-def train_options(args: argparse.Namespace) -> dict:
-    """timm's ``create_transform`` keyword arguments of the crop-time augmentation flags (None: timm's default)."""
-    return {
-        "auto_augment": args.aa,
-        "hflip": args.hflip,
-        "vflip": args.vflip,
-        "scale": tuple(args.scale) if args.scale else None,
-        "ratio": tuple(args.ratio) if args.ratio else None,
-        "color_jitter": args.color_jitter,
-        "interpolation": args.train_interpolation,
-    }
-
-
-def create_batch_augment(args: argparse.Namespace, num_classes: int, device: torch.device):
-    """Random erasing and Mixup/CutMix on the clean float batch on the device (timm's ``RandomErasing`` and
-    ``Mixup``), before the task distorts it: the student and the frozen reference see the same mixed image. None
-    when neither is asked for. Mixup returns soft targets (and applies ``--smoothing`` itself)."""
-    if not (args.reprob or args.mixup or args.cutmix or args.cutmix_minmax):
-        return None
-    from timm.data import Mixup
-    from timm.data.random_erasing import RandomErasing
-
-    from timm_icl.data.preprocess import to_unit_float
-
-    erase = (
-        RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=str(device))
-        if args.reprob
-        else None
-    )
-    mixup = None
-    if args.mixup or args.cutmix or args.cutmix_minmax:
-        mixup = Mixup(
-            mixup_alpha=args.mixup,
-            cutmix_alpha=args.cutmix,
-            cutmix_minmax=args.cutmix_minmax,
-            prob=args.mixup_prob,
-            switch_prob=args.mixup_switch_prob,
-            mode=args.mixup_mode,
-            label_smoothing=args.smoothing,
-            num_classes=num_classes,
-        )
-
-    def augment(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = to_unit_float(images)
-        if erase is not None:  # timm erases normalised images; here the [0, 1] image, its noise clamped to [0, 1]
-            images = erase(images).clamp_(0, 1)
-        if mixup is not None and len(images) % 2 == 0:  # timm's Mixup pairs images: an odd last batch stays unmixed
-            images, labels = mixup(images, labels)
-        elif mixup is not None:
-            labels = torch.nn.functional.one_hot(labels, num_classes).float()
-        return images, labels
-
-    return augment
-
-
 def resolve_batch(args: argparse.Namespace, world: int) -> str:
     """Set ``args.batch_size`` / ``grad_accum_steps`` / ``global_batch_size`` for ``world`` processes (the paper's
     global batch of 64 unless told otherwise); returns the line to log."""
@@ -389,7 +310,7 @@ def or_exit(fn, *fn_args, **fn_kwargs):
     try:
         return fn(*fn_args, **fn_kwargs)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        sys.exit(f"error: {first_line(e)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -407,7 +328,7 @@ def check_push(args: argparse.Namespace, accelerator: Accelerator) -> None:
         try:
             validate_push(args.push_to_hub)
         except (ValueError, HubError) as e:
-            problem = str(e).splitlines()[0]
+            problem = first_line(e)
     failed = bool(problem)
     if accelerator.num_processes > 1:
         failed = accelerator.reduce(torch.tensor([float(failed)], device=accelerator.device), "sum").item() > 0
@@ -518,7 +439,7 @@ def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, wor
         max_samples=args.max_train_samples,
         samples_per_epoch=args.train_samples_per_epoch,
         train_transform=args.train_transform,
-        train_options=train_options(args) if args.train_transform == "timm" else None,
+        train_options=transform_options(args) if args.train_transform == "timm" else None,
         **loader_kwargs,
     )
     val_loader = None
@@ -661,7 +582,7 @@ class Run:
     target_cache: Any = None  # cached reference targets (--reference-targets cache|PATH); None: live reference
     signals: StopSignals = field(default_factory=StopSignals)  # preemption / Ctrl-C: checkpoint and stop
     callbacks: list = field(default_factory=list)  # objects with on_batch/on_step_end/on_epoch_end (tests, tools)
-    augment: Any = None  # create_batch_augment: random erasing / Mixup on the device, or None
+    augment: BatchAugment | None = None  # random erasing / Mixup on the device, or None
 
     @property
     def is_main(self) -> bool:
@@ -1198,7 +1119,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 
     run = Run(args, accelerator, model_name, init, data, task, student, opt, Path(args.output_dir))
     run.callbacks = list(callbacks or [])
-    run.augment = create_batch_augment(args, task.get_eval_model().num_classes, accelerator.device)
+    run.augment = BatchAugment.from_args(args, task.get_eval_model().num_classes, accelerator.device)
     resume(run)
     open_run_folder(run, data.image_size)
     setup_target_cache(run)

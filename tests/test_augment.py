@@ -15,6 +15,7 @@ from PIL import Image
 from test_cards import make_image_folder
 
 import timm_icl
+from timm_icl.data.augment import BatchAugment, transform_options
 from timm_icl.data.preprocess import ImageTransform, resolve_preprocessing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
@@ -42,7 +43,7 @@ def test_train_options_are_timms_create_transform():
 
 def test_flags_resolve():
     args = train_icl.parse_settings(["--aa", "rand-m9", "--hflip", "0.2", "--scale", "0.5", "1"])
-    assert args.train_transform == "timm" and train_icl.train_options(args)["scale"] == (0.5, 1.0)
+    assert args.train_transform == "timm" and transform_options(args)["scale"] == (0.5, 1.0)
     assert train_icl.parse_settings(["--jsd-loss", "--aug-splits", "3"]).constraint == "jsd"
     with pytest.raises(SystemExit, match="add --jsd-loss"):
         train_icl.parse_settings(["--aug-splits", "3"])
@@ -55,7 +56,8 @@ def test_flags_resolve():
 
 def test_mixup_batch_is_what_the_student_and_reference_see():
     args = train_icl.parse_settings(["--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1", "--reprob", "0.5"])
-    augment = train_icl.create_batch_augment(args, 4, torch.device("cpu"))
+    augment = BatchAugment.from_args(args, 4, torch.device("cpu"))
+    assert BatchAugment.from_args(train_icl.parse_settings([]), 4, torch.device("cpu")) is None
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
     torch.manual_seed(0)
