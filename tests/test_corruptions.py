@@ -218,12 +218,9 @@ def test_registry_round_trip_with_user_function(user_kinds):
         register_distortion("salt2", _salt, severities=(0.1,))
     with pytest.raises(ValueError, match="cannot be replaced"):
         register_distortion("noise", _salt, severities=(0.1,), overwrite=True)
-    register_distortion("bad_shape", lambda x, s, g=None: x[:, :1], severities=(1.0,))
-    try:
-        with pytest.raises(ValueError, match="returned"):
-            Distortion("bad_shape", 1.0)(images)
-    finally:
-        unregister_distortion("bad_shape")
+    with pytest.raises(ValueError, match=r"distortion 'bad_shape' at severity 1 returned \(2, 1, 64, 64\)"):
+        register_distortion("bad_shape", lambda x, s, g=None: x[:, :1], severities=(1.0,))
+    assert "bad_shape" not in distortion_names()
 
     # the training sampler: each image gets its kind's function; seeded, resumable
     sampler = DistortionSampler("salt:0.3 darken:0.5 blur:2", seed=4)
@@ -434,3 +431,64 @@ def test_recipe_trains_and_validates_on_camera_corruptions(tmp_path):
     evaluated = json.loads((out / "eval.json").read_text())
     assert evaluated["distortions"] == text and evaluated["conditions"]["motion_blur5"]["count"] == 8
     assert evaluated["summary"]["jpeg"] is not None
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (lambda x, s, g=None: x.double(), "returned torch.float64 on cpu for torch.float32 images on cpu"),
+        (lambda x, s, g=None: (x * 255).to(torch.uint8), "returned torch.uint8 on cpu for torch.float32 images"),
+        (lambda x, s, g=None: x * 1000 - 500, "returned values in [-500, 499.9]; images are in [0, 1]: clamp the"),
+        (lambda x, s, g=None: x / 0 - x / 0, "returned NaN or inf values"),
+        (lambda x, s, g=None: x.tolist(), "returned list for images of shape (2, 3, 64, 64)"),
+        (lambda x, s: x, "raised TypeError"),
+    ],
+    ids=["float64", "uint8", "range", "nan", "list", "signature"],
+)
+def test_a_registered_distortion_is_checked_once_with_one_line_naming_it(fn, message):
+    with pytest.raises(ValueError) as info:
+        register_distortion("checked", fn, severities=(0.5,), maximum=1.0)
+    text = str(info.value)
+    assert text.startswith("distortion 'checked' at severity 0.5 ") and message in text and "\n" not in text, text
+    assert "checked" not in distortion_names()
+
+
+def test_a_good_distortion_is_called_once_per_severity_at_registration_and_never_checked_again():
+    calls = []
+
+    def fn(images, severity, generator=None):
+        calls.append(images.shape)
+        return images * 0.5
+
+    register_distortion("halve", fn, severities=(0.5, 1.0), maximum=1.0)
+    try:
+        assert len(calls) == 2  # the probe: once per default severity, at registration
+        Distortion("halve", 0.5)(torch.rand(4, 3, 8, 8))
+        assert len(calls) == 3  # a call costs one call: nothing is checked on the way
+    finally:
+        unregister_distortion("halve")
+
+
+def test_a_distortion_is_checked_again_once_at_its_first_call_on_another_device():
+    """A function that makes its output on the CPU passes the CPU probe at registration; its first call on another
+    device (the meta device stands in for a GPU here) is refused with one line naming the kind and the device."""
+    calls = []
+
+    def on_cpu(images, severity, generator=None):
+        calls.append(images.device.type)
+        return torch.zeros(images.shape)  # the CPU, whatever the images' device
+
+    register_distortion("cpu_only", on_cpu, severities=(0.5,), maximum=1.0)
+    try:
+        assert calls == ["cpu"]
+        images = torch.rand(4, 3, 8, 8, device="meta")
+        with pytest.raises(ValueError) as info:
+            Distortion("cpu_only", 0.5)(images)
+        text = str(info.value)
+        assert text == (
+            "distortion 'cpu_only' at severity 0.5 on meta returned torch.float32 on cpu for torch.float32 images on "
+            "meta: return the input's dtype and device"
+        ), text
+        assert calls == ["cpu", "meta"]  # the probe ran; the user's batch never reached the function
+    finally:
+        unregister_distortion("cpu_only")

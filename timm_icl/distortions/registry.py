@@ -37,6 +37,7 @@ __all__ = [
     "Distortion",
     "DistortionSpec",
     "call_distortion",
+    "check_distortion_output",
     "register_distortion",
     "unregister_distortion",
     "get_distortion",
@@ -126,6 +127,11 @@ def register_distortion(
         hint: appended to the error for an invalid severity.
         overwrite: replace an existing registration of ``name`` (otherwise an error).
 
+    ``fn`` is called once per default severity at registration, on a small CPU batch, and its output checked
+    (shape, dtype, device, finite, in [0, 1]); again once at its first call on another device
+    (:func:`check_distortion_output`): a mistake is one line naming the kind, not a crash inside training or a
+    silent 0.0 in evaluation; the training step pays nothing for it.
+
     Returns:
         The :class:`DistortionSpec` stored.
 
@@ -163,8 +169,70 @@ def register_distortion(
     )
     for s in spec.severities:
         spec.check(s)
+    if _PROBE:
+        check_distortion_output(spec)
     _REGISTRY[name] = spec
     return spec
+
+
+_PROBE = False  # set after the built-ins (tested on their own) are registered: users' functions are probed
+_CHECKED: set[tuple[str, int, str]] = set()  # (kind, id(fn), device) whose outputs were checked
+
+
+def check_distortion_output(spec: DistortionSpec, device: torch.device | str = "cpu") -> None:
+    """Call a user's ``fn`` once per default severity on a small batch (2 x 3 x 64 x 64 float32 in [0, 1] on
+    ``device``, a seeded generator) and check what it returns: a tensor of the input's shape, dtype and device,
+    finite, in [0, 1] (clamped). A one-line ``ValueError`` naming the kind otherwise.
+
+    Done once per kind and device: at registration for the CPU, at the first call on another device
+    (:func:`call_distortion`); afterwards a call costs a set lookup, no check and no device sync. The built-ins are
+    tested on their own and never probed."""
+    device = torch.device(device)
+    key = (spec.name, id(spec.fn), str(device))
+    if key in _CHECKED or id(spec.fn) in _BUILTIN_FNS:
+        return
+    from ..utils.sync_debug import host_side  # the probe reads its results on purpose: once, outside the step
+
+    with host_side():
+        _probe(spec, device)
+    _CHECKED.add(key)
+
+
+def _probe(spec: DistortionSpec, device: torch.device) -> None:
+    shape = (2, 3, 64, 64)
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    where = f" on {device}" if device.type != "cpu" else ""
+    severities = list(spec.severities) + ([0.0] if spec.whole_batch else [])
+    for value in severities:
+        severity = torch.full((2,), float(value), dtype=torch.float64, device=device)
+        try:
+            generator = torch.Generator(device=device).manual_seed(0)
+        except RuntimeError:  # a device without generators (meta)
+            generator = None
+        what = f"distortion {spec.name!r} at severity {value:g}{where}"
+        try:
+            out = spec.fn(images.clone(), severity, generator)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(
+                f"{what} raised {type(e).__name__}{': ' + first if first else ''} on images [2, 3, 64, 64] float32 in "
+                "[0, 1] (fn(images, severity [B], generator))"
+            ) from None
+        if not isinstance(out, torch.Tensor) or out.shape != images.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{what} returned {got} for images of shape {tuple(images.shape)}")
+        if out.dtype != images.dtype or out.device != images.device:
+            raise ValueError(
+                f"{what} returned {out.dtype} on {out.device} for {images.dtype} images on {images.device}: return "
+                "the input's dtype and device"
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{what} returned NaN or inf values")
+        low, high = float(out.min()), float(out.max())
+        if low < -1e-6 or high > 1 + 1e-6:
+            raise ValueError(
+                f"{what} returned values in [{low:.4g}, {high:.4g}]; images are in [0, 1]: clamp the output"
+            )
 
 
 def unregister_distortion(name: str) -> None:
@@ -235,7 +303,10 @@ class Distortion:
 def call_distortion(
     spec: DistortionSpec, images: torch.Tensor, severity: torch.Tensor, generator, **kwargs
 ) -> torch.Tensor:
-    """Call a registered kind on ``images [B, C, H, W]`` with ``severity [B]``; checks the output's shape."""
+    """Call a registered kind on ``images [B, C, H, W]`` with ``severity [B]``; checks the output's shape (and, at
+    the first call of a user's kind on a device, its dtype, device and values: :func:`check_distortion_output`)."""
+    if images.device.type != "cpu":
+        check_distortion_output(spec, images.device)
     out = spec.fn(images, severity, generator, **kwargs)
     if not isinstance(out, torch.Tensor) or out.shape != images.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -293,3 +364,5 @@ register_distortion(
     family="digital",
 )
 _BUILTINS = frozenset(_REGISTRY)
+_BUILTIN_FNS = frozenset(id(spec.fn) for spec in _REGISTRY.values())
+_PROBE = True
