@@ -284,7 +284,7 @@ def _config(tmp_path: Path, text: str) -> str:
         (["-c", "{tmp}/nope.yaml"], "error: config file {tmp}/nope.yaml does not exist"),
         (["-c", "CONFIG:lr: [1, 2\n"], "error: {tmp}/config.yaml is not valid YAML at line 2, column 1: expected ','"),
         (["-c", "CONFIG:- lr\n"], "error: {tmp}/config.yaml must hold 'option: value' lines (a YAML mapping), not a"),
-        (["-c", 'CONFIG:epochs: "many"\n'], "error: epochs = 'many' in {tmp}/config.yaml is not a number"),
+        (["-c", 'CONFIG:epochs: "many"\n'], "error: epochs = 'many' in {tmp}/config.yaml is not an integer"),
         (["-c", "CONFIG:lr: null\n"], "error: lr is null in {tmp}/config.yaml: give a value or drop the key"),
         (["--output-dir", "{tmp}/a-file"], "error: --output-dir {tmp}/a-file is a file; the run folder must be a"),
     ],

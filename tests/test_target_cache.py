@@ -6,7 +6,7 @@ import timm
 import torch
 
 import timm_icl  # noqa: F401  (registers vgg_tiny)
-from timm_icl.target_cache import StaleCacheError, TargetCache
+from timm_icl.target_cache import DamagedCacheError, StaleCacheError, TargetCache
 from timm_icl.task import ICLTask
 
 PRE = {"image_size": 28, "crop": "none"}
@@ -128,3 +128,57 @@ def test_uint8_loader_batches_build_the_same_cache():
     for layer in task.layers:
         assert torch.equal(from8.packed[layer], from_float.packed[layer])
     assert from8.verify(task, ids[:4], images8[:4]) == 0.0
+
+
+def _tamper_rows(path, first_kept: bool):
+    """Flip every bit of every row of each layer's targets, except the first row when ``first_kept`` (the issue's
+    attack: the one batch the live check looked at stays right), and re-save without updating the hash."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for name in [k for k in tensors if k.startswith("targets.")]:
+        start = 1 if first_kept else 0
+        tensors[name][start:] = 255 - tensors[name][start:]
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("damage", ["rows-but-the-first", "64-bytes", "truncated", "random-bytes", "no-hash"])
+def test_a_damaged_cache_is_refused_in_one_line(tmp_path, damage):
+    images, _ = _data(12)
+    task = _task()
+    path = TargetCache.build(task, [(list(range(12)), images)], preprocessing=PRE).save(tmp_path / "t.safetensors")
+    TargetCache.load(path, task=task, preprocessing=PRE)  # whole: loads
+    data = bytearray(path.read_bytes())
+    if damage == "rows-but-the-first":
+        _tamper_rows(path, first_kept=True)
+        expected = "is damaged: its content does not match the SHA-256 it was written with; delete it to rebuild it"
+    elif damage == "64-bytes":  # 64 bytes flipped at the end of the tensor data: still a valid file
+        for i in range(len(data) - 64, len(data)):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+        expected = "is damaged: its content does not match the SHA-256"
+    elif damage == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+        expected = "does not load (SafetensorError"
+    elif damage == "random-bytes":
+        path.write_bytes(
+            torch.randint(0, 256, (len(data),), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+            .numpy()
+            .tobytes()
+        )
+        expected = "does not load (SafetensorError"
+    else:  # a cache of an older timm-icl: no hash to check it against
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        meta.pop("content_sha256")
+        save_file(tensors, str(path), metadata=meta)
+        expected = "carries no content hash (written by an older timm-icl): delete it to rebuild it"
+    with pytest.raises(DamagedCacheError) as info:
+        TargetCache.load(path, task=task, preprocessing=PRE)
+    message = str(info.value)
+    assert message.startswith(f"target cache {path}") and expected in message and "\n" not in message, message

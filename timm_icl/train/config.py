@@ -51,13 +51,9 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
         unknown = sorted(set(defaults) - {a.dest for a in parser._actions})
         if unknown:
             raise SettingsError(f"{config_args.config} names unknown options {unknown}")
-        for action in parser._actions:  # argparse converts a string default itself, with a usage screen on error
-            value = defaults.get(action.dest)
-            if isinstance(value, str) and action.type in (int, float):
-                try:
-                    action.type(value)
-                except ValueError:
-                    raise SettingsError(f"{action.dest} = {value!r} in {config_args.config} is not a number") from None
+        for action in parser._actions:  # YAML gives typed values that argparse never checks: check them here
+            if action.dest in defaults:
+                defaults[action.dest] = _config_value(action, defaults[action.dest], config_args.config)
         parser.set_defaults(**defaults)
     args = parser.parse_args(remaining)
     args.config = config_args.config
@@ -72,6 +68,49 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
         if value is None and action.dest in from_config and original.get(action.dest) is not None:
             raise SettingsError(f"{action.dest} is null in {args.config}: give a value or drop the key")
     return args
+
+
+_BOOLEAN_ACTIONS = (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)
+
+
+def _config_value(action: argparse.Action, value: Any, path: str) -> Any:
+    """A config value for ``action``, checked against the option's type: an integer option refuses 3.5 and true, a
+    number refuses a word, a switch refuses anything but true/false (YAML's quoted "no" is a string, which Python
+    would read as true)."""
+    where = f"{action.dest} = {value!r} in {path}"
+    if value is None:
+        return value
+    if isinstance(action, _BOOLEAN_ACTIONS):
+        if not isinstance(value, bool):
+            raise SettingsError(f"{where} is not a boolean: write true or false (unquoted)")
+        return value
+    if action.type is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise SettingsError(f"{where} is not an integer")
+        if isinstance(value, float):
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise SettingsError(f"{where} is not an integer") from None
+        if not isinstance(value, int):
+            raise SettingsError(f"{where} is not an integer")
+        return value
+    if action.type is float:
+        if isinstance(value, bool):
+            raise SettingsError(f"{where} is not a number")
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise SettingsError(f"{where} is not a number") from None
+        if not isinstance(value, int | float):
+            raise SettingsError(f"{where} is not a number")
+        return float(value)
+    if (action.type is None or action.type is str) and action.nargs is None and isinstance(value, list | dict):
+        raise SettingsError(f"{where} must be a single value, not a {type(value).__name__}")
+    return value
 
 
 #: the lowest meaningful value of each numeric option, and whether it is allowed itself (lr 0 trains nothing)
