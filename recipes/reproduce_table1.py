@@ -80,7 +80,14 @@ from timm_icl.eval.results_io import pack_result, unpack_result  # noqa: E402
 from timm_icl.utils.files import atomic_write_text  # noqa: E402
 from timm_icl.utils.jsonio import canonical_json  # noqa: E402
 
-NAMES = {"none": "Fine-tuning", "icl": "ICL (proposed)", "mse": "MSE", "ab": "AB (Heo et al.)", "jsd": "JSD (AugMix)"}
+NAMES = {
+    "none": "Fine-tuning",
+    "icl": "ICL (proposed)",
+    "mse": "MSE",
+    "ab": "AB (Heo et al.)",
+    "jsd": "JSD (AugMix)",
+    "icl+jsd": "ICL + JSD",
+}
 SPLIT_SEED = 12345
 SCHEDULES = ("constant", "cosine")  # fine-tuning schedules (timm's --sched); the reference trains with cosine
 LAMBDA_GRIDS = {"paper": "0.125,0.1,0.075,0.05,0.025", "extended": "0.125,0.1,0.075,0.05,0.025,0.3,1,3"}
@@ -113,8 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="lambda grid for the validation sweep: values (0.025,0.1,1), 'paper' (0.125,0.1,0.075,0.05,0.025) or "
         "'extended' (the paper's plus 0.3,1,3)",
     )
-    parser.add_argument("--constraints", default="icl,mse,ab", help="any of icl, mse, ab, jsd (timm's AugMix JSD)")
+    parser.add_argument(
+        "--constraints", default="icl,mse,ab", help="any of icl, mse, ab, jsd (timm's AugMix JSD), icl+jsd (both)"
+    )
     parser.add_argument("--jsd-lambdas", default="1,3,12", help="the JSD constraint's grid (AugMix / timm: 12)")
+    parser.add_argument(
+        "--icl-jsd-lambdas",
+        default=None,
+        help="icl+jsd: the grid of its ICL lambda (default: --lambdas); its JSD weight is the one jsd selected on "
+        "validation when jsd is in --constraints, else --jsd-weight",
+    )
+    parser.add_argument("--jsd-weight", type=float, default=12.0, help="icl+jsd's JSD weight without a jsd sweep")
     parser.add_argument("--val-size", type=int, default=6000)
     parser.add_argument("--test-size", type=int, default=None, help="first N test images (default: all 10,000)")
     parser.add_argument("--train-sizes", default=None, help="e.g. 3000,12000,54000: the training-set-size sweep")
@@ -138,6 +154,11 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     if args.shared_reference:
         args.reference = "shared"
     args.ft_scheds = parse_list(args.ft_sched, "--ft-sched", SCHEDULES)
+    constraints = parse_list(args.constraints, "--constraints", tuple(c for c in NAMES if c != "none"))
+    if "icl+jsd" in constraints and "jsd" in constraints:  # jsd's sweep first: icl+jsd takes its selected weight
+        constraints.remove("icl+jsd")
+        constraints.insert(constraints.index("jsd") + 1, "icl+jsd")
+    args.constraints = ",".join(constraints)
     args.references = parse_list(args.reference, "--reference", ("own", "shared"))
     try:
         lambdas = [float(v) for v in args.lambdas.split(",")]
@@ -224,6 +245,7 @@ def train_run(
     seed: int = 0,
     init: Path | None = None,
     sched: str = "cosine",
+    jsd_weight: float | None = None,
 ) -> Path:
     """Train one model with ``train_icl.main``; ``init=None`` trains the reference on clean images (always with a
     cosine schedule), else fine-tunes ``init`` with the learning-rate schedule ``sched`` (timm's ``--sched``).
@@ -241,6 +263,7 @@ def train_run(
         argv = ["--init-checkpoint", str(init), "--constraint", constraint, "--epochs", str(args.ft_epochs)]
         argv += ["--lr", str(args.ft_lr), "--batch-size", str(args.batch_size)]
         argv += ["--constraint-weight", str(lam)] if lam is not None and constraint != "none" else []
+        argv += ["--jsd-weight", str(jsd_weight)] if constraint == "icl+jsd" else []
     key = {"train": common + argv, "split_seed": SPLIT_SEED, "val_size": args.val_size}
     if finished(run_dir / "reuse.json", key) and (run_dir / "model").is_dir():
         print(f"[reuse] {run_dir.name}: finished earlier with the same arguments", flush=True)
@@ -347,12 +370,23 @@ def start_protocol(
 
     sweep: dict[str, dict[str, float]] = {}
     selected: dict[str, float] = {"none": 0.0}
+    grids = {"jsd": args.jsd_lambdas, "icl+jsd": getattr(args, "icl_jsd_lambdas", None) or args.lambdas}
     for constraint in constraints:
         sweep[constraint] = {}
-        for lam in [float(v) for v in (args.jsd_lambdas if constraint == "jsd" else args.lambdas).split(",")]:
+        if constraint == "icl+jsd":  # the JSD weight jsd selected on validation (its sweep ran just before)
+            record["jsd_weight"] = selected.get("jsd", getattr(args, "jsd_weight", 12.0))
+        for lam in [float(v) for v in grids.get(constraint, args.lambdas).split(",")]:
             run_dir = runs / f"sweep_{constraint}_l{lam:g}"
             model = train_run(
-                args, data_dir, run_dir, size=size, constraint=constraint, lam=lam, init=reference, sched=sched
+                args,
+                data_dir,
+                run_dir,
+                size=size,
+                constraint=constraint,
+                lam=lam,
+                init=reference,
+                sched=sched,
+                jsd_weight=record.get("jsd_weight") if constraint == "icl+jsd" else None,
             )
             record["train_seconds"][run_dir.name] = train_seconds(run_dir)
             score = distorted_mean(evaluate_run(args, model, str(data_dir), "validation", None))
@@ -386,6 +420,7 @@ def run_seed(args: argparse.Namespace, data_dir: Path, record: dict, seed: int) 
             seed=seed,
             init=reference,
             sched=record["ft_sched"],
+            jsd_weight=record.get("jsd_weight") if method == "icl+jsd" else None,
         )
         record["train_seconds"][f"{method}_s{seed}"] = train_seconds(run_dir)
         record["runs"][method].append(evaluate_run(args, model, "fashion-mnist", "test", args.test_size))
@@ -399,9 +434,15 @@ def run_seed(args: argparse.Namespace, data_dir: Path, record: dict, seed: int) 
 # ---------------------------------------------------------------------------------------------------------------------
 # reports (timm_icl.eval: tables, paired tests, plots)
 # ---------------------------------------------------------------------------------------------------------------------
+def display_name(method: str, record: dict) -> str:
+    """The method in words; icl+jsd with the JSD weight it trained with."""
+    jsd = f" (JSD weight {record['jsd_weight']:g})" if method == "icl+jsd" and "jsd_weight" in record else ""
+    return NAMES.get(method, method) + jsd
+
+
 def method_name(method: str, record: dict) -> str:
     lam = record["selected_lambda"][method]
-    return NAMES.get(method, method) + (f", λ={lam:g}" if method != "none" else "")
+    return display_name(method, record) + (f", λ={lam:g}" if method != "none" else "")
 
 
 def in_order(keys) -> list[str]:
@@ -533,7 +574,7 @@ def gains_table(records: list[dict]) -> str:
             }
             lines.append(
                 f"| {record['train_size']} | {reference_of(record)} | {schedule_of(record)} | "
-                f"{NAMES.get(constraint, constraint)} | {record['selected_lambda'][constraint]:g} | {cell['clean']} | "
+                f"{display_name(constraint, record)} | {record['selected_lambda'][constraint]:g} | {cell['clean']} | "
                 f"{g['clean']['p_value']:.3g} | {cell['noise']} | {g['noise']['p_value']:.3g} | {seeds['noise']} | "
                 f"{cell['blur']} | {g['blur']['p_value']:.3g} | {seeds['blur']} |"
             )

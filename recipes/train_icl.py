@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("method")
     group.add_argument("--constraint", default="icl", choices=sorted(timm_icl.CONSTRAINTS), help="'none': plain")
     group.add_argument("--constraint-weight", type=float, default=None, help="lambda (default per constraint)")
+    group.add_argument("--jsd-weight", type=float, default=12.0, help="the JSD weight of --constraint icl+jsd")
     group.add_argument("--alpha", type=float, default=100.0, help="ICL's sharpness alpha")
     group.add_argument("--margin", type=float, default=1.0, help="activation-boundary margin")
     group.add_argument("--layers", default=None, help="comma-separated layers (default: the model's preset)")
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-REFERENCE_CONSTRAINTS = ("icl", "mse", "ab")  # constraints toward a frozen copy of the starting weights
+REFERENCE_CONSTRAINTS = ("icl", "mse", "ab", "icl+jsd")  # constraints toward a frozen copy of the starting weights
 
 
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
@@ -497,6 +498,7 @@ def create_task(args: argparse.Namespace, model: torch.nn.Module, rank: int, dev
         clean_fraction=args.clean_fraction,
         alpha=args.alpha,
         margin=args.margin,
+        jsd_weight=args.jsd_weight,
         # with Mixup/CutMix the targets are soft and already smoothed by timm's Mixup
         criterion=torch.nn.CrossEntropyLoss(
             label_smoothing=0.0 if (args.mixup or args.cutmix or args.cutmix_minmax) else args.smoothing
@@ -1041,6 +1043,8 @@ def export(run: Run, results: dict | None) -> Path | None:
             "lr": args.lr,
             "batch_size": args.batch_size * run.accelerator.num_processes * args.grad_accum_steps,
         }
+        if args.constraint == "icl+jsd":
+            icl_config["jsd_weight"] = task.jsd_weight
         exported = export_model(
             task.get_eval_model(),
             run.run_dir / "model",

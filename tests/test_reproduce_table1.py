@@ -178,7 +178,9 @@ def test_protocol_plan_by_reference_and_schedule(tmp_path, monkeypatch):
     calls = []
     rng = np.random.default_rng(1)
 
-    def fake_train(args, data_dir, run_dir, *, size, constraint, lam=None, seed=0, init=None, sched="cosine"):
+    def fake_train(
+        args, data_dir, run_dir, *, size, constraint, lam=None, seed=0, init=None, sched="cosine", jsd_weight=None
+    ):
         calls.append({"dir": run_dir, "size": size, "constraint": constraint, "init": init, "sched": sched})
         (run_dir / "model").mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "images_per_s": 100.0}) + "\n")
@@ -225,16 +227,77 @@ def test_protocol_plan_by_reference_and_schedule(tmp_path, monkeypatch):
     assert (tmp_path / "contrast.png").stat().st_size > 10_000
 
 
+def test_icl_plus_jsd_takes_the_jsd_weight_selected_on_validation(tmp_path, monkeypatch):
+    """--constraints icl+jsd,jsd: jsd's sweep runs first (whatever the order given), icl+jsd sweeps its ICL lambda on
+    --icl-jsd-lambdas with the JSD weight jsd selected, every icl+jsd run (sweep and seeds) trains with that weight,
+    and the report names it."""
+    calls = []
+    scores = {("jsd", 3.0): 0.7, ("jsd", 12.0): 0.6, ("icl+jsd", 0.3): 0.8, ("icl+jsd", 1.0): 0.5}
+
+    def fake_train(
+        args, data_dir, run_dir, *, size, constraint, lam=None, seed=0, init=None, sched="cosine", jsd_weight=None
+    ):
+        calls.append((run_dir.name, constraint, lam, jsd_weight))
+        (run_dir / "model").mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "images_per_s": 100.0}) + "\n")
+        return run_dir / "model"
+
+    def fake_eval(args, model_dir, dataset, split, size):
+        run = model_dir.parent.name
+        key = next((k for k in scores if run == f"sweep_{k[0]}_l{k[1]:g}"), None)
+        result = _fake_result(np.random.default_rng(len(run)), 0.5)
+        if split == "validation" and key:  # the lambda-selection score: the distorted conditions' mean
+            for c in result["conditions"].values():
+                c["top1"] = scores[key]
+        return result
+
+    monkeypatch.setattr(reproduce_table1, "train_run", fake_train)
+    monkeypatch.setattr(reproduce_table1, "prepare_data", lambda args, d: d)
+    monkeypatch.setattr(reproduce_table1, "evaluate_run", fake_eval)
+    argv = ["--train-sizes", "12000", "--seeds", "3", "--constraints", "icl+jsd,jsd", "--jsd-lambdas", "3,12"]
+    argv += ["--icl-jsd-lambdas", "0.3,1", "--name", "combined", "--out", str(tmp_path)]
+    assert reproduce_table1.main(argv) == 0
+    sweeps = list(dict.fromkeys(c[0] for c in calls if c[0].startswith("sweep_")))  # seed 0 is the sweep's run
+    assert sweeps == ["sweep_jsd_l3", "sweep_jsd_l12", "sweep_icl+jsd_l0.3", "sweep_icl+jsd_l1"]
+    combined = [c for c in calls if c[1] == "icl+jsd"]
+    assert {c[0] for c in combined} == {"sweep_icl+jsd_l0.3", "sweep_icl+jsd_l1", "icl+jsd_s1", "icl+jsd_s2"}
+    assert all(c[3] == 3.0 for c in combined)  # the weight jsd selected on validation
+    assert all(c[3] is None for c in calls if c[1] != "icl+jsd")
+    record = json.loads((tmp_path / "combined.json").read_text())["protocols"][0]
+    assert record["selected_lambda"] == {"none": 0.0, "jsd": 3.0, "icl+jsd": 0.3} and record["jsd_weight"] == 3.0
+    md = (tmp_path / "combined.md").read_text()
+    assert "| 12000 | own | constant | ICL + JSD (JSD weight 3) | 0.3 |" in md
+
+
+def test_train_run_passes_the_jsd_weight_to_the_recipe(tmp_path):
+    """A real icl+jsd run: the recipe trains CE + lambda ICL + jsd_weight JSD and records both weights."""
+    args = reproduce_table1.parse_settings(["--quick", "--out", str(tmp_path), "--train-sizes", "600"])
+    args.ref_epochs, args.ft_epochs = 1, 1
+    data = reproduce_table1.prepare_data(args, tmp_path / "data")
+    ref = reproduce_table1.train_run(args, data, tmp_path / "ref", size=64, constraint="none")
+    kw = dict(size=64, constraint="icl+jsd", lam=0.3, init=ref, sched="constant", jsd_weight=5.0)
+    model = reproduce_table1.train_run(args, data, tmp_path / "combined", **kw)
+    train_argv = json.loads((tmp_path / "combined" / "reuse.json").read_text())["train"]
+    assert train_argv[train_argv.index("--jsd-weight") + 1] == "5.0"
+    icl = json.loads((model / "config.json").read_text())["icl"]
+    assert (icl["method"], icl["lambda"], icl["jsd_weight"]) == ("icl+jsd", 0.3, 5.0)
+    assert icl["reference"].startswith("a frozen copy")
+    records = [json.loads(x) for x in (tmp_path / "combined" / "metrics.jsonl").read_text().splitlines() if x]
+    assert any(r.get("constraint_loss", 0) > 0 for r in records)
+
+
 def test_settings_errors_and_grids():
     parse = reproduce_table1.parse_settings
     assert parse(["--lambdas", "extended"]).lambdas == "0.125,0.1,0.075,0.05,0.025,0.3,1,3"
     assert parse(["--lambdas", "0.1"]).jsd_lambdas == "1,3,12"  # JSD's own grid (AugMix's alpha 12)
     assert parse([]).ft_scheds == ["constant"] and parse(["--shared-reference"]).references == ["shared"]
+    assert parse(["--constraints", "icl+jsd,icl,jsd"]).constraints == "icl,jsd,icl+jsd"  # jsd's weight first
     for argv, message in (
         (["--ft-sched", "linear"], "--ft-sched 'linear': choose from constant, cosine"),
         (["--reference", "mine"], "--reference 'mine': choose from own, shared"),
         (["--lambdas", "0.1,x"], "comma-separated numbers"),
         (["--lambdas", "0,1"], "every lambda must be > 0"),
+        (["--constraints", "icl,augmix"], "--constraints 'icl,augmix': choose from icl, mse, ab, jsd, icl\\+jsd"),
     ):
         with pytest.raises(SystemExit, match=message):
             parse(argv)
@@ -243,7 +306,9 @@ def test_settings_errors_and_grids():
 def test_stopped_invocation_leaves_a_partial_report_with_whole_seed_rounds(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
 
-    def fake_train(args, data_dir, run_dir, *, size, constraint, lam=None, seed=0, init=None, sched="cosine"):
+    def fake_train(
+        args, data_dir, run_dir, *, size, constraint, lam=None, seed=0, init=None, sched="cosine", jsd_weight=None
+    ):
         if seed == 1 and sched == "cosine":
             raise KeyboardInterrupt  # stopped during the second round of seeds
         (run_dir / "model").mkdir(parents=True, exist_ok=True)

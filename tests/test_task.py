@@ -164,6 +164,42 @@ def test_jsd_constraint_is_timms_jsd_cross_entropy_on_distorted_clean_distorted_
     assert ICLTask(_model(), constraint="jsd").constraint_weight == 12.0  # AugMix's / timm's alpha
 
 
+def test_icl_plus_jsd_is_ce_plus_lambda_icl_on_first_view_plus_weight_jsd_over_views():
+    from timm.loss import JsdCrossEntropy
+
+    model = _model()
+    reference = _model()  # the same weights: a frozen copy made before any step
+    task = ICLTask(model, constraint="icl+jsd", constraint_weight=0.3, jsd_weight=5.0, seed=4)
+    images, target = torch.rand(4, 3, 28, 28), torch.randint(0, 10, (4,))
+    out = task(images, target)
+    sampler = timm_icl.DistortionSampler(seed=4)  # replay the two draws: a distorted view, then another
+    views = []
+    for _ in range(2):
+        kinds, sigmas = sampler.sample(4)
+        views.append(apply_distortions(images, kinds, sigmas, generator=sampler._generator(images.device)))
+    layers = list(task.layers)
+    with torch.no_grad():
+        with capture_preactivations(model, layers) as acts:
+            logits = model(task.normalize(torch.cat([views[0], images, views[1]])))
+        with capture_preactivations(reference, layers) as ref:
+            reference(task.normalize(images))
+        first = {k: v[:4] for k, v in acts.items()}
+        icl = icl_loss(first, {k: v > 0 for k, v in ref.items()}, alpha=100.0)
+    jsd_ce = JsdCrossEntropy(num_splits=3, alpha=5.0, smoothing=0.0)(logits, target.repeat(3))
+    assert float(out["loss"].detach()) == pytest.approx(float(jsd_ce + 0.3 * icl), rel=1e-5)
+    assert float(out["constraint_loss"]) == pytest.approx(float(icl), rel=1e-5) and float(icl) > 0
+    ce = F.cross_entropy(logits[:4], target)
+    assert float(out["consistency_loss"]) == pytest.approx(float((jsd_ce - ce) / 5.0), rel=1e-4)
+    assert torch.allclose(out["output"].detach(), logits[:4], atol=1e-5)
+    # cached targets (the reference's firing bits on the clean images) give the same loss
+    task2 = ICLTask(_model(), constraint="icl+jsd", constraint_weight=0.3, jsd_weight=5.0, seed=4)
+    bits = task2.reference_targets(images)
+    assert float(task2(images, target, reference_targets=bits)["loss"].detach()) == pytest.approx(
+        float(out["loss"].detach()), rel=1e-6
+    )
+    assert task.reference is not None and ICLTask(_model(), constraint="icl+jsd").jsd_weight == 12.0
+
+
 def test_timm_task_protocol_compile_then_prepare_distributed(tmp_path):
     """timm's training loop calls ``task.compile()`` then ``task.prepare_distributed(...)`` (timm.task.TrainingTask;
     the base class's versions do nothing): ICLTask compiles and DDP-wraps the student only, the capture hooks still

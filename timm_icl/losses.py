@@ -208,12 +208,13 @@ CONSTRAINTS: dict[str, Callable[..., nn.Module] | None] = {
     "mse": MSEConstraintLoss,
     "ab": ActivationBoundaryLoss,
     "jsd": JSDConsistencyLoss,
+    "icl+jsd": IntermediateConstraintLoss,  # ICLTask adds the JSD term (its jsd_weight) over three views
     "none": None,
 }
 
 #: the paper's selected lambda per constraint (AB: not in the paper; chosen like MSE by validation; JSD: AugMix's and
 #: timm's ``JsdCrossEntropy`` alpha).
-DEFAULT_LAMBDA: dict[str, float] = {"icl": 0.1, "mse": 0.05, "ab": 0.05, "jsd": 12.0, "none": 0.0}
+DEFAULT_LAMBDA: dict[str, float] = {"icl": 0.1, "mse": 0.05, "ab": 0.05, "jsd": 12.0, "icl+jsd": 0.1, "none": 0.0}
 
 
 def create_constraint(name: str, **kwargs) -> nn.Module | None:

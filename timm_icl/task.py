@@ -53,9 +53,12 @@ class ICLTask(TrainingTask):
     Args:
         model: the timm student model (its weights at construction become the frozen reference).
         constraint: ``"icl"`` (paper), ``"mse"`` (paper's baseline), ``"ab"`` (activation boundary), ``"jsd"``
-            (timm's AugMix consistency: JSD over a distorted, the clean and another distorted view, no reference) or
-            ``"none"`` (plain fine-tuning on distorted images).
-        constraint_weight: lambda; default 0.1 for icl, 0.05 for mse and ab, 12 for jsd, 0 for none.
+            (timm's AugMix consistency: JSD over a distorted, the clean and another distorted view, no reference),
+            ``"icl+jsd"`` (both: ICL on the first distorted view, JSD over the three views) or ``"none"`` (plain
+            fine-tuning on distorted images).
+        constraint_weight: lambda; default 0.1 for icl, 0.05 for mse and ab, 12 for jsd, 0 for none (for icl+jsd:
+            ICL's lambda, default 0.1).
+        jsd_weight: the JSD weight of ``"icl+jsd"`` (default 12, AugMix's and timm's alpha); unused otherwise.
         layers: constrained layers (names, fnmatch patterns, ``name:input``); default the family preset.
         distortions: distortion set or its text; default the paper's ten conditions.
         clean_fraction: probability that a training image is left clean.
@@ -98,6 +101,7 @@ class ICLTask(TrainingTask):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         seed: int | None = None,
+        jsd_weight: float = 12.0,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         verbose: bool = False,
@@ -106,12 +110,18 @@ class ICLTask(TrainingTask):
             param = next(model.parameters(), None)
             device = param.device if param is not None else None
         super().__init__(device=device, dtype=dtype, verbose=verbose)
-        kwargs = {"icl": {"alpha": alpha}, "ab": {"margin": margin}}.get(constraint, {})
+        kwargs = {"icl": {"alpha": alpha}, "icl+jsd": {"alpha": alpha}, "ab": {"margin": margin}}.get(constraint, {})
         self.constraint_name = constraint
         self.constraint = create_constraint(constraint, **kwargs)
         self.constraint_weight = float(DEFAULT_LAMBDA[constraint] if constraint_weight is None else constraint_weight)
-        if self.constraint_weight < 0:
-            raise ValueError(f"constraint_weight (lambda) must be >= 0, got {self.constraint_weight}")
+        # icl+jsd: the ICL constraint above, plus timm's JSD consistency over [distorted, clean, distorted']
+        self.consistency = JSDConsistencyLoss(3) if constraint == "icl+jsd" else None
+        self.jsd_weight = float(jsd_weight)
+        if self.constraint_weight < 0 or self.jsd_weight < 0:
+            raise ValueError(
+                f"constraint_weight (lambda) and jsd_weight must be >= 0, got {self.constraint_weight}, "
+                f"{self.jsd_weight}"
+            )
         self.trainable_module = model
         self.layers = resolve_layers(model, default_layers(model) if layers is None else layers)
         self.sampler = DistortionSampler(distortions, clean_fraction=clean_fraction, seed=seed)
@@ -258,8 +268,8 @@ class ICLTask(TrainingTask):
             distorted images) and ``constraint_loss`` (float32, unweighted; 0 for plain fine-tuning).
         """
         self._check_input(input)
-        if isinstance(self.constraint, JSDConsistencyLoss):
-            return self._forward_views(input, target)
+        if isinstance(self.constraint, JSDConsistencyLoss) or self.consistency is not None:
+            return self._forward_views(input, target, reference_targets)
         # the precision policy: distortions (and the reference) in float32 outside autocast; only the student
         # below runs under the caller's autocast
         with _no_autocast(input.device):
@@ -285,27 +295,47 @@ class ICLTask(TrainingTask):
             "constraint_loss": constraint_loss.detach(),
         }
 
-    def _forward_views(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _forward_views(
+        self, input: torch.Tensor, target: torch.Tensor, reference_targets: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The JSD constraint (timm's AugMix recipe, no reference): views ``[distorted, clean, distorted']`` in one
         forward; ``CE(first view) + lambda * JSD(views)`` is timm's ``JsdCrossEntropy`` on these logits, with the
-        cross-entropy on a distorted view like every other constraint's (timm puts the clean view first)."""
+        cross-entropy on a distorted view like every other constraint's (timm puts the clean view first).
+        ``icl+jsd``: ``CE(first view) + lambda * ICL(first view's pre-activations, reference on the clean image)
+        + jsd_weight * JSD(views)``; ``constraint_loss`` is the ICL term, ``consistency_loss`` the JSD term."""
+        combined = self.consistency is not None
         with _no_autocast(input.device):
             input = _full_precision(to_unit_float(input))
             views = [self.sampler(input)[0], input]
-            views += [self.sampler(input)[0] for _ in range(self.constraint.num_views - 2)]
-        logits_all = self.trainable_module(self.normalize(torch.cat(views)))
-        logits = logits_all[: input.shape[0]]
+            views += [self.sampler(input)[0] for _ in range((self.consistency or self.constraint).num_views - 2)]
+            if combined and reference_targets is None:
+                reference_targets = self.reference_targets(input)
+        batch = input.shape[0]
+        if combined:
+            with capture_preactivations(self.get_eval_model(), self.layers) as acts:
+                logits_all = self.trainable_module(self.normalize(torch.cat(views)))
+            constraint_loss = self.constraint({k: v[:batch] for k, v in acts.items()}, reference_targets)
+            consistency_loss = self.consistency(logits_all)
+            extra = self.jsd_weight * consistency_loss
+        else:
+            logits_all = self.trainable_module(self.normalize(torch.cat(views)))
+            constraint_loss = self.constraint(logits_all)
+            extra = 0.0
+        logits = logits_all[:batch]
         task_loss = self.criterion(logits, target)
-        constraint_loss = self.constraint(logits_all)
-        return {
-            "loss": task_loss + self.constraint_weight * constraint_loss,
+        out = {
+            "loss": task_loss + self.constraint_weight * constraint_loss + extra,
             "output": logits,
             "task_loss": task_loss.detach(),
             "constraint_loss": constraint_loss.detach(),
         }
+        if combined:
+            out["consistency_loss"] = consistency_loss.detach()
+        return out
 
     def extra_repr(self) -> str:
         return (
             f"constraint={self.constraint_name}, lambda={self.constraint_weight}, layers={self.layers}, "
-            f"sampler={self.sampler!r}"
+            + (f"jsd_weight={self.jsd_weight}, " if self.consistency is not None else "")
+            + f"sampler={self.sampler!r}"
         )

@@ -51,6 +51,12 @@ _METHODS = {
         "Fine-tuning on distorted images with a margin hinge loss that keeps each constrained pre-activation on the "
         "same side of zero as the frozen original network on the clean image (Heo et al., AAAI 2019).",
     ),
+    "icl+jsd": (
+        "ICL with AugMix's JSD consistency",
+        "Fine-tuning on distorted images with the Intermediate Constraint Loss on one distorted view plus timm's "
+        "Jensen-Shannon consistency over [distorted, clean, distorted] views: `loss = CE + lambda * ICL + jsd_weight "
+        "* JSD`.",
+    ),
     "none": (
         "plain fine-tuning on distorted images",
         "Fine-tuning on distorted images with their labels and cross-entropy only (the paper's baseline, lambda = 0).",
@@ -224,7 +230,7 @@ def render_model_card(
     start = icl.get("starting_weights") or (f"`{base_model}`" if base_model else None)
     if icl.get("reference"):
         reference_text = f"The constraint's reference network is {icl['reference']}."
-    elif method in ("icl", "mse", "ab"):
+    elif method in ("icl", "mse", "ab", "icl+jsd"):
         reference_text = "The constraint's reference network is a frozen copy of the starting weights."
     else:
         reference_text = f"The `{method}` objective uses no frozen reference network."
