@@ -273,7 +273,10 @@ def train_run(
         shutil.rmtree(run_dir)
     print(f"[train] {run_dir}", flush=True)
     start = time.perf_counter()
-    train_icl.main(common + argv)
+    code = train_icl.main(common + argv)
+    if not code.finished:  # a signal stopped it (exit 0 for SIGTERM): never recorded as finished
+        print(f"[stopped] {run_dir}: training stopped before its end, nothing recorded; rerun to train it", flush=True)
+        sys.exit(int(code))
     (run_dir / "wall.json").write_text(json.dumps({"train_seconds": time.perf_counter() - start}))
     mark_finished(run_dir / "reuse.json", key)
     return run_dir / "model"

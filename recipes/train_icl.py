@@ -51,11 +51,19 @@ from timm_icl.loading import create_model as create_timm_model
 from timm_icl.loading import load_init_weights, weights_origin
 from timm_icl.train import checkpoint
 from timm_icl.train.batch import plan_batch
-from timm_icl.train.cache_build import build_target_cache, cache_preprocessing
-from timm_icl.train.config import SettingsError, check_values, parse_with_config
+from timm_icl.train.cache_build import build_target_cache, cache_preprocessing, verify_target_cache
+from timm_icl.train.config import (
+    SettingsError,
+    check_dataset_path,
+    check_model_settings,
+    check_settings,
+    exit_once,
+    or_exit_once,
+    parse_with_config,
+)
 from timm_icl.train.distributed import any_rank, lockstep
 from timm_icl.train.guard import NonFiniteGuard
-from timm_icl.train.run_files import keep_metrics
+from timm_icl.train.run_files import ExitCode, disk_full_is_one_line, keep_metrics
 from timm_icl.train.signals import StopSignals
 from timm_icl.train.tracking import flat_config, parse_trackers, tracker_init_kwargs
 from timm_icl.utils.errors import first_line
@@ -288,9 +296,9 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
             )
         if args.opt.lower() not in timm.optim.list_optimizers():
             raise SettingsError(f"--opt {args.opt!r} is not a timm optimizer; see timm.optim.list_optimizers()")
-        check_values(args)
+        check_settings(args)  # values, distortions, the cache's folder: before anything loads or is written
     except SettingsError as e:
-        sys.exit(f"error: {e}")
+        exit_once(f"error: {e}")  # every process meets it: printed once
     return args
 
 
@@ -362,20 +370,20 @@ def create_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Path |
     """The student at its starting weights: ``(model, model_name, init_checkpoint_path)``."""
     init = Path(args.init_checkpoint) if args.init_checkpoint else None
     if init is not None and not init.exists():
-        sys.exit(f"error: --init-checkpoint {init} does not exist")
+        exit_once(f"error: --init-checkpoint {init} does not exist")
     model_kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
     if args.drop is not None:
         model_kwargs["drop_rate"] = args.drop
     if args.drop_path is not None:
         model_kwargs["drop_path_rate"] = args.drop_path
     if init is not None and init.is_dir():  # a timm folder (config.json + model.safetensors), e.g. a previous RUN/model
-        model = or_exit(create_timm_model, f"local-dir:{init}", pretrained=True, **model_kwargs)
+        model = or_exit_once(create_timm_model, f"local-dir:{init}", pretrained=True, **model_kwargs)
         model_name = model.pretrained_cfg.get("architecture", args.model)
     else:
-        model = or_exit(create_timm_model, args.model, pretrained=args.pretrained and init is None, **model_kwargs)
+        model = or_exit_once(create_timm_model, args.model, pretrained=args.pretrained and init is None, **model_kwargs)
         model_name = args.model
         if init is not None:
-            or_exit(load_init_weights, model, init, new_head=bool(args.num_classes))
+            or_exit_once(load_init_weights, model, init, new_head=bool(args.num_classes))
     return model, model_name, init
 
 
@@ -398,7 +406,8 @@ HEADLINE_DATASET = "timm/imagenet-1k-wds"  # ImageNet-1k as webdataset shards: s
 def check_dataset(args: argparse.Namespace) -> None:
     """Settle ``--streaming`` (on for a Hub id) and stop at once, with one line, when a Hub dataset cannot be read
     (before any model or data loads: ImageNet by default, offline or gated, would otherwise fail minutes later)."""
-    args.streaming = or_exit(check_dataset_access, args.dataset, args.streaming)
+    or_exit_once(check_dataset_path, args.dataset)  # a missing local path: "no such folder", not a Hub lookup
+    args.streaming = or_exit_once(check_dataset_access, args.dataset, args.streaming)
 
 
 def create_data(args: argparse.Namespace, model: torch.nn.Module, rank: int, world: int) -> Data:
@@ -461,7 +470,7 @@ def fit_head(args: argparse.Namespace, model: torch.nn.Module, num_classes: int 
     dataset's. A head of another size than the starting weights' is a fresh one, said once."""
     if args.num_classes is not None:
         if num_classes and args.num_classes < num_classes:
-            sys.exit(
+            exit_once(
                 f"error: --num-classes {args.num_classes} but the dataset has {num_classes} classes (labels up to "
                 f"{num_classes - 1}): pass --num-classes {num_classes} or more, or leave it out"
             )
@@ -473,7 +482,7 @@ def fit_head(args: argparse.Namespace, model: torch.nn.Module, num_classes: int 
         return
     if num_classes and model.num_classes != num_classes:
         if args.init_checkpoint is not None:
-            sys.exit(
+            exit_once(
                 f"error: the checkpoint predicts {model.num_classes} classes but the dataset has {num_classes}: "
                 f"pass --num-classes {num_classes} to train a fresh head on top of the checkpoint"
             )
@@ -632,22 +641,14 @@ class Run:
 # reference is then released and each step looks its bits up instead of running it
 # ---------------------------------------------------------------------------------------------------------------------
 def setup_target_cache(run: Run) -> None:
-    """Load (or first build) the target cache, verify a batch against the live reference, release the reference."""
+    """Load (or first build) the target cache (its content hash checked), compare batches spread over the whole file
+    with the live reference, release the reference. Its settings were checked before (check_model_settings)."""
     from timm_icl.target_cache import TargetCache
 
     args = run.args
     if args.reference_targets in (None, "", "live"):
         return
-    if args.train_transform != "eval":
-        sys.exit(
-            f"error: --reference-targets {args.reference_targets}: the training crops are random (--train-transform "
-            f"{args.train_transform}), so bits cached once would belong to other pixels; use --train-transform eval"
-        )
-    if not hasattr(run.data.train_loader, "state_dict"):
-        sys.exit(
-            f"error: --reference-targets {args.reference_targets} needs sample ids, which only streamed data "
-            "carries for now: add --streaming"
-        )
+    run.run_dir.mkdir(parents=True, exist_ok=True)
     path = run.run_dir / "targets.safetensors" if args.reference_targets == "cache" else Path(args.reference_targets)
     pre = cache_preprocessing(run.data.data_config, args.dataset, args.train_split, args.max_train_samples)
     if not path.exists():
@@ -661,16 +662,17 @@ def setup_target_cache(run: Run) -> None:
             total=run.data.train_info.get("num_samples"),
             say=run.say,
         )
-    cache = or_exit(TargetCache.load, path, task=run.task, preprocessing=pre)  # a stale cache: one line
-    ids, images = next(iter(_cache_batches(run)))
-    rate = or_exit(cache.verify, run.task, ids, images, max_flip_rate=1e-3)
-    run.say(f"reference targets: {path} ({len(cache)} images, {cache.nbytes_per_image} B each; {rate:.2e} of a "
-            "batch's bits differ from the live reference); the reference is released")  # fmt: skip
+    cache = or_exit(TargetCache.load, path, task=run.task, preprocessing=pre)  # stale or damaged: one line
+    rate, batches = or_exit(verify_target_cache, run.task, cache, _cache_loader(run, num_workers=0))
+    run.say(
+        f"reference targets: {path} ({len(cache)} images, {cache.nbytes_per_image} B each; {rate:.2e} of the bits "
+        f"of {batches} batches spread over it differ from the live reference); the reference is released"
+    )
     run.task.release_reference()
     run.target_cache = cache
 
 
-def _cache_loader(run: Run):
+def _cache_loader(run: Run, num_workers: int | None = None):
     """This rank's share of the training set in file order (no shuffling), as a resumable stream."""
     args, data = run.args, run.data
     loader, _ = or_exit(
@@ -686,14 +688,9 @@ def _cache_loader(run: Run):
         image_column=args.image_column,
         label_column=args.label_column,
         streaming=True,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers if num_workers is None else num_workers,
     )
     return loader
-
-
-def _cache_batches(run: Run):
-    """``(ids, clean uint8 images)`` batches of :func:`_cache_loader`."""
-    return ((batch.ids, batch[0]) for batch in _cache_loader(run))
 
 
 def stream_state(run: Run) -> dict | None:
@@ -1083,9 +1080,11 @@ def export(run: Run, results: dict | None) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # main: the steps above in order
 # ---------------------------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
-    """Run the whole job; returns the exit code (0 finished, 130 stopped by Ctrl-C). ``callbacks``: objects with any
-    of ``on_batch(run, batch, weight)``, ``on_step_end(run)``, ``on_epoch_end(run, epoch)`` (tests, tools)."""
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> ExitCode:
+    """Run the whole job; returns the exit code (0 finished, or stopped by SIGTERM/SIGUSR1 after a checkpoint; 130
+    stopped by Ctrl-C) as an :class:`~timm_icl.train.run_files.ExitCode` whose ``finished`` tells a finished run
+    (trained to its end, exported) from a stopped one. ``callbacks``: objects with any of ``on_batch(run, batch,
+    weight)``, ``on_step_end(run)``, ``on_epoch_end(run, epoch)`` (tests, tools)."""
     args = parse_settings(argv)
     mismatch = cpu_launch_mismatch()
     if mismatch and int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -1096,7 +1095,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         datasets.disable_progress_bars()
     if args.dry_run:
         print(yaml.safe_dump(vars(args), sort_keys=False), end="")
-        return 0
+        return ExitCode(0, finished=False)
     check_dataset(args)  # ImageNet by default: offline or without access, stop now, not after minutes of retries
     accelerator = create_accelerator(args)
     check_push(args, accelerator)
@@ -1111,6 +1110,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     model, model_name, init = create_model(args)
     data = create_data(args, model, rank, world)
     fit_head(args, model, data.train_info["num_classes"], say)
+    try:  # the last settings that need the model and the data: every refusal so far has written nothing
+        check_model_settings(args, model, data.data_config["input_size"], data.train_loader)
+    except SettingsError as e:
+        exit_once(f"error: {e}")
     task = create_task(args, model, rank, accelerator.device)
     opt = create_optimization(args, task, data, world)
     accelerator.register_for_checkpointing(opt.scheduler)
@@ -1125,8 +1128,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     run.callbacks = list(callbacks or [])
     run.augment = BatchAugment.from_args(args, task.get_eval_model().num_classes, accelerator.device)
     resume(run)
-    open_run_folder(run, data.image_size)
-    setup_target_cache(run)
+    setup_target_cache(run)  # a damaged or stale cache is refused before config.yaml / metrics.jsonl are written
+    plain = task.get_eval_model()  # its size: about what an export needs, said when the disk is full
+    with disk_full_is_one_line(run.run_dir, "writing config.yaml and metrics.jsonl", plain):
+        open_run_folder(run, data.image_size)
     run.signals = StopSignals(announce=run.is_main).install()
     num_params = sum(p.numel() for p in task.trainable_module.parameters() if p.requires_grad)
     say(
@@ -1135,15 +1140,24 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         f"{data.train_info['num_samples']} training samples, {opt.steps_per_epoch} steps/epoch"
     )
     try:
-        results, stopped = train(run)
+        with disk_full_is_one_line(run.run_dir, "writing metrics.jsonl / eval.json", plain):
+            results, stopped = train(run)
+        if not stopped and run.position["step"] == 0:  # every image undecodable, say: nothing to export
+            exit_once(
+                f"error: the run trained 0 steps ({data.train_info['num_samples']} training samples, "
+                f"{data.train_loader.num_skipped} undecodable ones skipped): nothing exported; check the training data"
+            )
         if not stopped:
-            export(run, results)
+            with disk_full_is_one_line(run.run_dir, "exporting the model", plain):
+                export(run, results)
     finally:
         if run.metrics_file is not None:
-            run.metrics_file.close()
+            with contextlib.suppress(OSError):  # a full disk: its buffered lines cannot be written either
+                run.metrics_file.close()
         run.signals.restore()
     accelerator.end_training()
-    return 130 if stopped and run.signals.interrupted else 0  # Ctrl-C: the shell's convention
+    # Ctrl-C: 130 (the shell's convention); SIGTERM/SIGUSR1 (preemption): 0, as a cluster scheduler expects
+    return ExitCode(130 if stopped and run.signals.interrupted else 0, finished=not stopped)
 
 
 if __name__ == "__main__":

@@ -182,3 +182,40 @@ def test_a_damaged_cache_is_refused_in_one_line(tmp_path, damage):
         TargetCache.load(path, task=task, preprocessing=PRE)
     message = str(info.value)
     assert message.startswith(f"target cache {path}") and expected in message and "\n" not in message, message
+
+
+def test_the_live_check_compares_batches_spread_over_the_whole_file(tmp_path):
+    """A cache whose content hash is consistent but whose last rows are wrong (other weights, a bug): the old check
+    compared the first batch only and passed; the spread check meets the tampered rows and refuses in one line."""
+    from accelerate import Accelerator
+    from test_stream import make_wds
+
+    from timm_icl.data import create_loader, resolve_preprocessing
+    from timm_icl.train.cache_build import build_target_cache, cache_preprocessing, verify_target_cache
+
+    wds = make_wds(tmp_path / "wds", n_shards=4, per_shard=6, size=40)
+    task = ICLTask(timm.create_model("vgg_tiny", num_classes=3), distortions="noise:30 blur:1", seed=0)
+    config = resolve_preprocessing(task.get_eval_model(), image_size=32)
+
+    def loader():
+        made, _ = create_loader(
+            str(wds), "train", batch_size=4, streaming=True, data_config=config, shuffle=False, num_workers=0
+        )
+        return made
+
+    pre = cache_preprocessing(config, str(wds), "train", None)
+    path = tmp_path / "targets.safetensors"
+    build_target_cache(task, loader(), path, pre, accelerator=Accelerator(cpu=True), say=lambda m: None)
+    cache = TargetCache.load(path, task=task, preprocessing=pre)
+    assert verify_target_cache(task, cache, loader()) == (0.0, 4)  # 4 batches: the file's first row ... its last
+
+    first = next(iter(loader()))
+    assert cache.verify(task, first.ids, first[0]) == 0.0  # the first batch alone cannot see what follows
+    for layer in cache.layers:
+        cache.packed[layer][-6:] = 255 - cache.packed[layer][-6:]  # the last shard's rows: every bit flipped
+    assert cache.verify(task, first.ids, first[0]) == 0.0
+    with pytest.raises(StaleCacheError) as info:
+        verify_target_cache(task, cache, loader())
+    message = str(info.value)
+    assert message.startswith("target cache disagrees with the live reference on ") and "\n" not in message
+    assert message.endswith("of the bits of 4 batches spread over it; delete it to rebuild it"), message

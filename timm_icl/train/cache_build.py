@@ -9,7 +9,9 @@ and ``targets.part<rank>.<chunk>.safetensors``; both are removed after the merge
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,8 +20,9 @@ from typing import Any
 import torch
 
 from ..target_cache import TargetCache, cache_fingerprint
+from ..utils.errors import first_line
 
-__all__ = ["cache_preprocessing", "build_target_cache"]
+__all__ = ["cache_preprocessing", "build_target_cache", "verify_target_cache"]
 
 
 def cache_preprocessing(data_config: Mapping[str, Any], dataset: str, split: str, max_samples: int | None) -> dict:
@@ -103,3 +106,55 @@ def build_target_cache(
         for f in files + [_progress_file(path, r) for r in range(world)]:
             f.unlink()
     accelerator.wait_for_everyone()
+
+
+def verify_target_cache(task, cache: TargetCache, loader, *, batches: int = 4, max_flip_rate: float = 1e-3) -> tuple:
+    """Compare the cache with the live reference on up to ``batches`` batches of this rank's share, starting at rows
+    spread evenly over the file (its first, ..., its last: tampered rows anywhere are met, not only in the first
+    batch). The stream is positioned at each (rows before it are read, not decoded).
+
+    Args:
+        loader: a fresh :mod:`timm_icl.data.stream` loader of this rank's share in file order, one stream
+            (``num_workers=0``), as the cache was built from.
+
+    Returns:
+        ``(fraction of bits that differ, batches compared)``; a :class:`~timm_icl.target_cache.StaleCacheError`
+        (one line) above ``max_flip_rate`` or when the data holds an image the cache does not.
+    """
+    from ..target_cache import StaleCacheError
+
+    stream = loader.dataset
+    lists, stride, phase = stream.streams(0)
+    where = {shard: i for i, shard in enumerate(lists[0])}
+    mine = []  # (index of the shard in this rank's list, this rank's offset in it) of every cached row of this rank
+    if all(isinstance(i, int) for i in cache.ids):
+        for image_id in cache.ids:
+            shard, offset = (image_id >> 32, image_id & 0xFFFFFFFF) if stream.shardable else (0, image_id)
+            if shard in where and offset % stride == phase:
+                mine.append((where[shard], (offset - phase) // stride))
+    mine.sort()
+    picks = sorted({mine[round(j * (len(mine) - 1) / max(batches - 1, 1))] for j in range(batches)}) if mine else []
+    starts = [{"shard": shard_index, "offset": offset} for shard_index, offset in picks] or [None]
+    bits_per_image = sum(math.prod(shape) for shape in cache.shapes.values())
+    flips = total = checked = 0
+    for start in starts:
+        if start is not None:
+            state = loader.state_dict()
+            state.update(epoch=0, batches=0, next_stream=0, streams=[start])
+            loader.load_state_dict(state)
+        loader.set_epoch(0)
+        for batch in itertools.islice(loader, 1):
+            try:
+                rate = cache.verify(task, batch.ids, batch[0], max_flip_rate=1.0)
+            except KeyError as e:  # an image of this data that the cache does not hold: built from other data
+                what = first_line(e).strip("\"'")
+                raise StaleCacheError(f"{what}; delete the cache to rebuild it") from None
+            bits = bits_per_image * len(batch.ids)
+            flips, total, checked = flips + rate * bits, total + bits, checked + 1
+    rate = flips / max(total, 1)
+    if rate > max_flip_rate:
+        raise StaleCacheError(
+            f"target cache disagrees with the live reference on {rate:.3%} of the bits of {checked} batches spread "
+            "over it; delete it to rebuild it"
+        )
+    return rate, checked

@@ -8,12 +8,31 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from torch import nn
 
-__all__ = ["SettingsError", "read_config", "parse_with_config", "check_values", "VALUE_LIMITS", "VALUE_MAXIMA"]
+from timm_icl.utils.errors import first_line
+
+__all__ = [
+    "SettingsError",
+    "read_config",
+    "parse_with_config",
+    "check_values",
+    "check_settings",
+    "check_dataset_path",
+    "check_model_settings",
+    "exit_once",
+    "or_exit_once",
+    "VALUE_LIMITS",
+    "VALUE_MAXIMA",
+]
 
 
 class SettingsError(ValueError):
@@ -170,3 +189,95 @@ def check_values(args: argparse.Namespace) -> None:
     output_dir = getattr(args, "output_dir", None)
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise SettingsError(f"--output-dir {output_dir} is a file; the run folder must be a folder")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# every setting checked before the run folder is touched (issue 19): the recipe calls check_settings() while parsing,
+# check_dataset_path() before the data is looked up, check_model_settings() once the model and the data exist; a
+# refusal is one line, printed by the first process only (exit_once), and nothing has been written
+# ---------------------------------------------------------------------------------------------------------------------
+def exit_once(message: str):
+    """End the run with ``message`` for a refusal that every process reaches alike (a setting, the model, the data's
+    layout): the first process prints it, every other one exits with 1 silently (not three copies of one line)."""
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        sys.exit(message)
+    sys.exit(1)
+
+
+def or_exit_once(fn, *fn_args, **fn_kwargs):
+    """Call ``fn``; a ``ValueError``/``FileNotFoundError``/``RuntimeError`` that every process meets alike (an unknown
+    model, a missing file) ends the run with its first line, printed once (:func:`exit_once`)."""
+    try:
+        return fn(*fn_args, **fn_kwargs)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        exit_once(f"error: {first_line(e)}")
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Everything that can be checked from the settings alone: the values (:func:`check_values`), the training and
+    validation distortions (an unknown kind such as ``blurr`` is refused now, not after an epoch of training) and
+    the folder a ``--reference-targets PATH`` cache is to be written in. A :class:`SettingsError` otherwise."""
+    check_values(args)
+    from timm_icl.distortions import parse_distortions
+
+    for flag in ("distortions", "val_distortions"):
+        spec = getattr(args, flag, None)
+        if spec is None:
+            continue
+        try:
+            parse_distortions(spec)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SettingsError(f"--{flag.replace('_', '-')} {spec!r}: {first_line(e)}") from None
+    cache = getattr(args, "reference_targets", None)
+    if cache not in (None, "", "live", "cache") and not Path(cache).exists() and not Path(cache).parent.is_dir():
+        raise SettingsError(f"--reference-targets {cache}: no such folder {Path(cache).parent} to write the cache in")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_FILE_SUFFIXES = (".parquet", ".tar", ".arrow", ".csv", ".json", ".jsonl", ".zip")
+
+
+def check_dataset_path(spec: str | None) -> None:
+    """A ``--dataset`` that names a local path (starting with ``/``, ``.`` or ``~``, two or more ``/``, a file suffix,
+    anything a Hub id cannot be) must exist: "no such folder", not a Hub lookup of the path. Hub ids (``owner/name``,
+    ``name``) and ``fashion-mnist`` pass."""
+    if not spec or Path(spec).expanduser().exists():
+        return
+    looks_local = (
+        spec.startswith(("/", ".", "~"))
+        or "\\" in spec
+        or spec.count("/") >= 2
+        or spec.lower().endswith(_FILE_SUFFIXES)
+        or not _HUB_ID.fullmatch(spec)
+    )
+    if looks_local and spec.lower().replace("_", "-") not in ("fashion-mnist", "fashionmnist"):
+        raise SettingsError(f"--dataset {spec}: no such folder (a Hub dataset id is 'owner/name')")
+
+
+def check_model_settings(args: argparse.Namespace, model: nn.Module, input_size, train_loader) -> None:
+    """What needs the model and the data: the crop size must be one the model can take (``--image-size 1`` through
+    five max-pools is refused now, not in the first step after config.yaml was written: one image through the model,
+    only when the size is not its own), and cached reference targets need sample ids (streamed data)."""
+    cache = getattr(args, "reference_targets", None)
+    if cache not in (None, "", "live") and not hasattr(train_loader, "state_dict"):
+        raise SettingsError(
+            f"--reference-targets {cache} needs sample ids, which only streamed data carries for now: add --streaming"
+        )
+    size = tuple(int(s) for s in input_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    own = tuple(cfg.get("input_size") or ())
+    if size == own:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *size))
+    except Exception as e:  # a too small input: pooling/conv size errors; a fixed-size model: a shape error
+        name = cfg.get("architecture") or type(model).__name__
+        raise SettingsError(
+            f"--image-size {size[-1]}: {name} cannot take {size[-2]}x{size[-1]} images ({first_line(e)}); its own "
+            f"size is {own[-1] if own else 'unknown'}"
+        ) from None
+    finally:
+        model.train(was_training)
