@@ -8,8 +8,9 @@ import torch
 
 import timm_icl  # noqa: F401  (registers vgg_tiny)
 from timm_icl.distortions import Distortion, gaussian_blur, gaussian_noise, parse_distortions
+from timm_icl.distortions.counter_rng import CounterRNG
 from timm_icl.eval import format_table, load_results, plot_accuracy_vs_sigma, save_results
-from timm_icl.eval.evaluate import distort, evaluate_robustness, noise_seed
+from timm_icl.eval.evaluate import distort, evaluate_robustness
 
 DISTORTIONS = "noise:30,90 blur:1,2"
 
@@ -53,7 +54,8 @@ def test_numbers_equal_hand_computed_loop(model_and_data):
         for j in range(len(images)):  # one image at a time, distortion functions called directly
             x = images[j : j + 1]
             if cond.kind == "noise":
-                x = gaussian_noise(x, cond.sigma, generator=torch.Generator().manual_seed(noise_seed(3, ci, j)))
+                # the counter-based generator: the numbers of image j under condition ci, whatever the batch
+                x = gaussian_noise(x, cond.sigma, generator=CounterRNG(3, ci, torch.tensor([j])))
             elif cond.kind == "blur":
                 x = gaussian_blur(x, cond.sigma)
             with torch.no_grad():
@@ -232,3 +234,50 @@ def test_statistics_match_references():
     }
     text = format_comparison({"a": res, "b": res})
     assert "| a | 4 | 0.5000 [" in text and "| b | clean | +0.0000 | 0 | 0 | McNemar exact | 1.000 |" in text
+
+
+@pytest.mark.parametrize("distortions", ["paper", "imagenet-c-10"])
+def test_evaluation_syncs_constant_per_batch_and_batch_size_independent(distortions):
+    """No per-image work: the sync-forcing ops and host reads of a whole evaluation grow by a constant per batch
+    (0 for the paper's set; the JPEG codec's 2 host reads per jpeg condition for imagenet-c-10), whatever the batch
+    size; and the numbers at batch 4 and 16 are identical (counter-based noise per image)."""
+    from timm_icl.utils.sync_debug import SyncCounter
+
+    torch.manual_seed(0)
+    model = timm.create_model("vgg_tiny", num_classes=10)
+    images = (torch.rand(32, 3, 32, 32) * 255).to(torch.uint8)
+    labels = torch.randint(0, 10, (32,))
+    evaluate_robustness(model, _loader(images[:4], labels[:4], 4), distortions)  # tables cached per device
+    totals, results = {}, {}
+    for batch in (4, 16):
+        for n in (1, 2):
+            with SyncCounter() as sync:
+                results[batch, n] = evaluate_robustness(model, _loader(images[: n * batch], labels, batch), distortions)
+            totals[batch, n] = (sync.syncs, sync.host_reads + sync.host_data)
+    per_batch = 0 if distortions == "paper" else 10  # 5 jpeg levels x (images to the host, qualities read)
+    for batch in (4, 16):
+        assert totals[batch, 2][0] == totals[batch, 1][0]  # no sync-forcing op inside the loop
+        assert totals[batch, 2][1] - totals[batch, 1][1] == per_batch
+    assert totals[4, 1] == totals[16, 1]  # the same constant for 4 or 16 images a batch
+    four = evaluate_robustness(model, _loader(images, labels, 4), distortions)
+    sixteen = evaluate_robustness(model, _loader(images, labels, 16), distortions)
+    assert four["conditions"] == sixteen["conditions"] and four["per_image"] == sixteen["per_image"]
+
+
+def test_counter_rng_draws_have_their_distributions_and_ignore_the_batch():
+    """CounterRNG: uniforms in (0, 1) with mean 1/2 and variance 1/12, normals N(0, 1), Poisson mean = variance =
+    rate; an image's numbers are the same alone or in a batch, and each draw is a new field."""
+    index = torch.arange(64)
+    rng = CounterRNG(7, 2, index)
+    u = rng.uniform((64, 3, 32, 32), torch.float64)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    z = rng.normal((64, 3, 32, 32), torch.float64)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    for rate in (0.5, 3.0, 60.0):
+        k = rng.poisson(torch.full((64, 3, 32, 32), rate), max_rate=60.0)
+        assert torch.equal(k, k.round()) and float(k.min()) >= 0
+        assert abs(float(k.mean()) / rate - 1) < 0.02 and abs(float(k.var()) / rate - 1) < 0.05
+    alone = CounterRNG(7, 2, index[5:6]).uniform((1, 3, 32, 32), torch.float64)
+    assert torch.equal(alone[0], CounterRNG(7, 2, index).uniform((64, 3, 32, 32), torch.float64)[5])
+    assert not torch.equal(u, rng.uniform((64, 3, 32, 32), torch.float64))

@@ -13,6 +13,20 @@ from timm_icl.target_cache import TargetCache
 from timm_icl.utils.sync_debug import SyncCounter, host_side
 
 
+def test_detector_sees_scalar_reads_under_inference_mode():
+    """Under torch.inference_mode item()/int()/bool() skip the Python dispatch key: counted once each all the same
+    (and once, not twice, outside it)."""
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            c = torch.zeros((), dtype=torch.long)
+            with SyncCounter() as sync:
+                _ = c.item()
+                _ = int(c)
+                _ = bool(c > 0)
+                _ = [0, 1][c]
+        assert sync.counts == {"_local_scalar_dense": 4}, (mode, sync.summary())
+
+
 def test_detector_counts_each_kind_of_sync_and_nothing_else():
     x = torch.rand(6)
     with SyncCounter() as sync:

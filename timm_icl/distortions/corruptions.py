@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import counter_rng
 from .noise_blur import _reflect101_index, _trusted
 
 __all__ = [
@@ -116,7 +117,8 @@ def shot_noise(images: torch.Tensor, severity: torch.Tensor, generator: torch.Ge
     value by value (the test compares the mean and spread of ``out - x`` per level).
     """
     c = _table("shot_noise", _levels(severity, "shot_noise"), images)
-    return (torch.poisson(images * c, generator=generator) / c).clamp(0.0, 1.0)
+    max_rate = max(IMAGENET_C_PARAMETERS["shot_noise"])
+    return (counter_rng.poisson(images * c, generator, max_rate=max_rate) / c).clamp(0.0, 1.0)
 
 
 def impulse_noise(
@@ -128,8 +130,8 @@ def impulse_noise(
     Random: matches the reference in distribution (the test compares the fractions of 0s and 1s added).
     """
     c = _table("impulse_noise", _levels(severity, "impulse_noise"), images)
-    flipped = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype) <= c
-    salted = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype) <= 0.5
+    flipped = counter_rng.rand(images.shape, generator, device=images.device, dtype=images.dtype) <= c
+    salted = counter_rng.rand(images.shape, generator, device=images.device, dtype=images.dtype) <= 0.5
     out = torch.where(flipped & salted, torch.ones_like(images), images)
     return torch.where(flipped & ~salted, torch.zeros_like(images), out)
 
@@ -244,7 +246,7 @@ def motion_blur(
     )[levels]
     radius, sigma = params[:, 0], params[:, 1]
     if angle is None:
-        angle = torch.rand(batch, generator=generator, device=images.device, dtype=torch.float64) * 90.0 - 45.0
+        angle = counter_rng.rand((batch,), generator, device=images.device, dtype=torch.float64) * 90.0 - 45.0
     angle = _moved(torch.as_tensor(angle), images.device).to(torch.float64).view(batch)
     # every level's taps fit in 2 * 20 + 1; the kernel and the FFT have that fixed size (no read of the draw)
     taps = int(2 * max(r for r, _ in IMAGENET_C_PARAMETERS["motion_blur"]) + 1)

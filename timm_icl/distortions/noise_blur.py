@@ -27,6 +27,8 @@ import math
 import torch
 from torch import nn
 
+from . import counter_rng
+
 __all__ = [
     "gaussian_noise",
     "gaussian_blur",
@@ -104,7 +106,8 @@ def gaussian_noise(
     Args:
         images: float images ``[B, C, H, W]`` in [0, 1].
         sigma: noise std in 0-255 pixel units; a number or a per-sample tensor ``[B]``.
-        generator: optional ``torch.Generator`` on the images' device, for reproducible noise.
+        generator: optional ``torch.Generator`` on the images' device (or a
+            :class:`~timm_icl.distortions.counter_rng.CounterRNG`), for reproducible noise.
         clamp: clamp the result to [0, 1], as an 8-bit camera would (the project's default; the paper
             does not say).
 
@@ -120,7 +123,7 @@ def gaussian_noise(
     sigma_t = _as_sigma_tensor(sigma, images.shape[0], images.device, "noise")
     std = (sigma_t / 255.0).to(images.dtype)
     std = (std if std.device == images.device else std.to(images.device)).view(-1, 1, 1, 1)
-    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    noise = counter_rng.randn(images.shape, generator, device=images.device, dtype=images.dtype)
     out = images + noise * std
     return out.clamp(0.0, 1.0) if clamp else out
 

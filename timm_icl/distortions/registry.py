@@ -64,6 +64,7 @@ class DistortionSpec:
     random: bool = False
     whole_batch: bool = False
     on_host: bool = False
+    counter_rng: bool = False
     unit: str = ""
     family: str = ""
     hint: str = ""
@@ -99,6 +100,7 @@ def register_distortion(
     random: bool = False,
     whole_batch: bool = False,
     on_host: bool = False,
+    counter_rng: bool = False,
     unit: str = "",
     family: str | None = None,
     hint: str = "",
@@ -122,6 +124,9 @@ def register_distortion(
             to find its images); without this flag the others get the set's first severity of the kind.
         on_host: ``fn`` works on the host (a codec): the training sampler gives it only its own images (one read
             of the device per batch) instead of the whole batch.
+        counter_rng: ``fn`` also accepts a :class:`~timm_icl.distortions.counter_rng.CounterRNG` as ``generator``
+            (it draws through :mod:`timm_icl.distortions.counter_rng`): evaluation then draws every image's
+            numbers for the whole batch at once, instead of one image at a time with its own generator.
         unit: what the severity means, for messages and plots (``"sigma, pixels"``).
         family: group for plots and tables (``"noise"``, ``"blur"``, ``"weather"``, ``"digital"``); default ``name``.
         hint: appended to the error for an invalid severity.
@@ -163,6 +168,7 @@ def register_distortion(
         random=bool(random),
         whole_batch=bool(whole_batch),
         on_host=bool(on_host),
+        counter_rng=bool(counter_rng),
         unit=unit,
         family=family or name,
         hint=hint,
@@ -294,7 +300,7 @@ class Distortion:
         """Apply this condition to a batch ``[B, C, H, W]`` in [0, 1]."""
         if self.kind == "clean":
             return images
-        if self.kind == "blur" and self.kernel_size is not None:
+        if self.kind == "blur":  # a number: the matrices come from the per-device cache, nothing is read back
             return gaussian_blur(images, self.sigma, self.kernel_size)
         severity = torch.full((images.shape[0],), float(self.sigma), dtype=torch.float64, device=images.device)
         return call_distortion(get_distortion(self.kind), images, severity, generator)
@@ -332,14 +338,22 @@ def _blur(images: torch.Tensor, severity: torch.Tensor, generator: torch.Generat
 
 register_distortion("clean", _identity, severities=(0.0,), maximum=0.0, family="clean")
 register_distortion(
-    "noise", _noise, severities=(20, 40, 60, 80, 100), random=True, whole_batch=True, unit="0-255 pixel units"
+    "noise",
+    _noise,
+    severities=(20, 40, 60, 80, 100),
+    random=True,
+    whole_batch=True,
+    counter_rng=True,
+    unit="0-255 pixel units",
 )
 register_distortion("blur", _blur, severities=(2, 4, 6, 8, 10), unit="pixels")
 _LEVEL = dict(severities=(1, 2, 3, 4, 5), minimum=1, maximum=5, integer=True, unit="ImageNet-C level")
-register_distortion("shot_noise", _corruptions.shot_noise, random=True, family="noise", **_LEVEL)
-register_distortion("impulse_noise", _corruptions.impulse_noise, random=True, family="noise", **_LEVEL)
+register_distortion("shot_noise", _corruptions.shot_noise, random=True, counter_rng=True, family="noise", **_LEVEL)
+register_distortion(
+    "impulse_noise", _corruptions.impulse_noise, random=True, counter_rng=True, family="noise", **_LEVEL
+)
 register_distortion("defocus_blur", _corruptions.defocus_blur, family="blur", **_LEVEL)
-register_distortion("motion_blur", _corruptions.motion_blur, random=True, family="blur", **_LEVEL)
+register_distortion("motion_blur", _corruptions.motion_blur, random=True, counter_rng=True, family="blur", **_LEVEL)
 register_distortion("zoom_blur", _corruptions.zoom_blur, family="blur", **_LEVEL)
 register_distortion("brightness", _corruptions.brightness, family="weather", **_LEVEL)
 register_distortion("contrast", _corruptions.contrast, family="digital", **_LEVEL)

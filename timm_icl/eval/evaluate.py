@@ -6,8 +6,9 @@ the result is normalised with the model's mean/std (:func:`timm_icl.data.preproc
 Nothing about the images is cached between conditions, so memory stays at one batch.
 
 Reproducibility: the noise added to an image depends only on ``(seed, condition, image position)``
-(see :func:`noise_seed`), not on the batch size, so two runs, or runs with different batch sizes,
-give identical numbers. Across processes, each rank seeds by the image's position ``local * world +
+(a counter-based generator, :class:`~timm_icl.distortions.counter_rng.CounterRNG`), not on the batch size,
+so two runs, or runs with different batch sizes, give identical numbers; every batch is distorted at once (no
+loop over images, no device sync). Across processes, each rank seeds by the image's position ``local * world +
 rank`` and counts are reduced as exact integer sums.
 
 Example:
@@ -24,8 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.loader import check_labels
 from ..data.preprocess import check_unit_range, normalize, resolve_mean_std, to_unit_float
-from ..distortions import Distortion, DistortionSet, parse_distortions
+from ..distortions import Distortion, DistortionSet, get_distortion, parse_distortions
+from ..distortions.counter_rng import CounterRNG
+from ..distortions.noise_blur import values_checked
+from ..utils.sync_debug import host_side
 from .stats import summarize
 
 __all__ = [
@@ -71,31 +76,54 @@ def distort(
     image_indices: Sequence[int] | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Apply one condition to a clean batch, each image of a random kind (noise, shot_noise, motion_blur, a user's
-    ``random=True`` distortion) with its own seeded generator.
+    """Apply one condition to a clean batch; each image of a random kind gets the numbers of its own position.
+
+    Built-in random kinds (noise, shot_noise, impulse_noise, motion_blur: registered ``counter_rng``) draw from a
+    :class:`~timm_icl.distortions.counter_rng.CounterRNG`: every number a hash of ``(seed, condition_index,
+    image index, element)``, the whole batch at once on the device. A user's random kind without ``counter_rng`` is
+    applied image by image, each with a generator seeded by :func:`noise_seed`. Either way an image's result does
+    not depend on the batch it came in.
 
     Args:
         images: ``[B, C, H, W]`` float in [0, 1], on any device.
         condition: the condition; non-random kinds (blur, jpeg, ..., clean) are applied to the whole batch at once.
-        seed, condition_index: see :func:`noise_seed`.
-        image_indices: ``[B]`` stream positions of the images (default ``0..B-1``).
-        generator: a reusable generator on ``images.device`` (one is created when missing).
+        seed, condition_index: the keys of the numbers drawn (see above).
+        image_indices: ``[B]`` stream positions of the images (default ``0..B-1``); a tensor on the images' device
+            costs nothing to read.
+        generator: a reusable generator on ``images.device`` for the image-by-image path (made when missing).
 
     Returns:
         ``[B, C, H, W]`` distorted images, same dtype and device.
     """
-    if not condition.random:
-        return condition(images)
-    if image_indices is None:
-        image_indices = range(images.shape[0])
-    if generator is None:
-        generator = torch.Generator(device=images.device)
-    # One seed per image: the noise field of an image does not depend on the batch it came in.
-    noisy = [
-        condition(images[i : i + 1], generator=generator.manual_seed(noise_seed(seed, condition_index, j)))
-        for i, j in enumerate(int(j) for j in image_indices)
-    ]
-    return torch.cat(noisy) if noisy else images.clone()
+    with values_checked():  # conditions are checked when they are made
+        if not condition.random:
+            return condition(images)
+        if image_indices is None:
+            image_indices = torch.arange(images.shape[0], device=images.device)
+        if get_distortion(condition.kind).counter_rng:
+            if not isinstance(image_indices, torch.Tensor):
+                image_indices = torch.tensor(list(image_indices), dtype=torch.long)
+            index = image_indices if image_indices.device == images.device else image_indices.to(images.device)
+            return condition(images, generator=CounterRNG(seed, condition_index, index))
+        if generator is None:
+            generator = torch.Generator(device=images.device)
+        positions = image_indices.tolist() if isinstance(image_indices, torch.Tensor) else list(image_indices)
+        noisy = [
+            condition(images[i : i + 1], generator=generator.manual_seed(noise_seed(seed, condition_index, int(j))))
+            for i, j in enumerate(positions)
+        ]
+        return torch.cat(noisy) if noisy else images.clone()
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """:func:`timm_icl.data.check_labels` on the loader's CPU labels, in the evaluation's words."""
+    try:
+        check_labels(labels, num_classes)
+    except ValueError:
+        raise ValueError(
+            f"labels must be in [0, {num_classes - 1}] for a model with {num_classes} classes, got labels from "
+            f"{int(labels.min())} to {int(labels.max())}"
+        ) from None
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,9 +213,10 @@ def evaluate_robustness(
                 continue
             if seen == 0:
                 check_unit_range(images, "evaluate_robustness")  # float batches: once, one sync
+            labels_in = labels
             images = to_unit_float(images.to(device, non_blocking=True)).float()
             labels = labels.to(device, non_blocking=True).long()
-            positions = [(seen + i) * world + rank for i in range(images.shape[0])]
+            positions = (torch.arange(images.shape[0], device=device) + seen) * world + rank
             for ci, condition in enumerate(conditions):
                 x = distort(
                     images, condition, seed=seed, condition_index=ci, image_indices=positions, generator=generator
@@ -199,30 +228,29 @@ def evaluate_robustness(
                 else:
                     logits = model(x)
                 logits = logits.float()
-                if ci == 0 and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-                    raise ValueError(
-                        f"labels must be in [0, {logits.shape[1] - 1}] for a model with {logits.shape[1]} classes, "
-                        f"got labels from {int(labels.min())} to {int(labels.max())}"
-                    )
+                if ci == 0 and labels_in.device.type == "cpu":
+                    with host_side():  # the loader's CPU labels: no device read
+                        _check_labels(labels_in, logits.shape[1])
                 kmax = min(topk[-1], logits.shape[1])
                 top = logits.topk(kmax, dim=1).indices
                 hits = top == labels.unsqueeze(1)  # [B, kmax]
                 for ki, k in enumerate(topk):
                     correct[ci, ki] += hits[:, : min(k, kmax)].any(dim=1).sum()
                 if per_image:
-                    per_image_lists[ci].append(hits[:, 0].to(torch.uint8).cpu())
+                    per_image_lists[ci].append(hits[:, 0].to(torch.uint8))  # read once, at the end
             count += images.shape[0]
             seen += images.shape[0]
     finally:
         model.train(was_training)
 
+    # the counts come back in one read: [condition, k] correct counts and, last, the number of images
+    counts = torch.cat([correct.flatten(), count.view(1)])
     if accelerator is not None and world > 1:
-        correct = accelerator.reduce(correct, reduction="sum")
-        count = accelerator.reduce(count, reduction="sum")
-    total = int(count.item())
+        counts = accelerator.reduce(counts, reduction="sum")
+    *flat, total = counts.tolist()
     if total == 0:
         raise ValueError("the loader yielded no images: nothing to evaluate")
-    correct_list = correct.cpu().tolist()
+    correct_list = [flat[ci * len(topk) : (ci + 1) * len(topk)] for ci in range(len(conditions))]
 
     results: dict[str, Any] = {"conditions": {}, "summary": {}}
     for ci, condition in enumerate(conditions):
@@ -234,7 +262,9 @@ def evaluate_robustness(
         results["conditions"][condition.name] = entry
     results["summary"] = summarize(results["conditions"])
     if per_image:
-        lists = {c.name: (torch.cat(v).tolist() if v else []) for c, v in zip(conditions, per_image_lists)}
+        # one read for every condition's 0/1 list
+        rows = torch.stack([torch.cat(v) for v in per_image_lists]).tolist() if per_image_lists[0] else None
+        lists = {c.name: (rows[ci] if rows else []) for ci, c in enumerate(conditions)}
         if accelerator is not None and world > 1:
             from accelerate.utils import gather_object
 

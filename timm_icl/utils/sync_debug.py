@@ -112,7 +112,8 @@ class _Dispatch(TorchDispatchMode):
         kwargs = kwargs or {}
         packet = func.overloadpacket
         if packet in SYNC_OPS:
-            self.owner._add("sync", SYNC_OPS[packet])
+            if not (self.owner._scalar_read and packet in (aten._local_scalar_dense, aten.is_nonzero)):
+                self.owner._add("sync", SYNC_OPS[packet])
         elif packet in _MASKED and _has_bool_index(args[1] if len(args) > 1 else kwargs.get("indices")):
             self.owner._add("sync", _MASKED[packet])
         elif packet is aten.repeat_interleave and func is aten.repeat_interleave.Tensor:
@@ -130,6 +131,16 @@ def _is_device(value) -> bool:
     )
 
 
+#: Tensor methods that read one value back to Python (``item()``, ``int(t)``, ``float(t)``, ``bool(t)``, ``if t:``).
+_SCALAR_READS = (
+    torch.Tensor.item,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+)
+
+
 class _Function(TorchFunctionMode):
     def __init__(self, owner: SyncCounter):
         super().__init__()
@@ -138,6 +149,15 @@ class _Function(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if func in _SCALAR_READS and args and isinstance(args[0], torch.Tensor):
+            # counted here, not by the dispatch mode: under torch.inference_mode a scalar read skips the Python
+            # dispatch key, so _local_scalar_dense would go unseen there
+            self.owner._add("sync", "_local_scalar_dense")
+            self.owner._scalar_read += 1
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.owner._scalar_read -= 1
         if func in (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu):
             self.owner._add("host_read", name)
         elif func is torch.tensor:
@@ -178,6 +198,7 @@ class SyncCounter:
         self.events: list[SyncEvent] = []
         self._modes: list = []
         self._busy = False
+        self._scalar_read = 0
 
     def _add(self, kind: str, op: str) -> None:
         if self._busy or _HOST_SIDE.get():  # the stack walk itself must not be counted; nor marked host work
