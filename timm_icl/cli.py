@@ -173,7 +173,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         save_results(results, args.output)
         print(f"results: {args.output}", file=sys.stderr)
     if args.plot:
-        plot_accuracy_vs_sigma({name: results}, args.plot)
+        # the --baseline model drawn too (dashed), so the plot shows what the corruption errors are relative to
+        base_name = f"{baseline.get('name') or Path(args.baseline).stem} (baseline)" if baseline is not None else ""
+        dataset = Path(args.dataset).name if Path(args.dataset).is_dir() else args.dataset  # no local path
+        where = f" on {dataset} {info['split']}" if args.dataset else ""
+        plot_accuracy_vs_sigma(
+            {name: results}, args.plot, title=f"{name}{where}", reference=baseline, reference_name=base_name
+        )
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
 
@@ -268,6 +274,8 @@ def _load_image(path: str, size: int, crop_pct: float = 1.0, interpolation: str 
 def _cmd_distort(args: argparse.Namespace) -> int:
     from .distortions import Distortion, parse_distortions
     from .eval.evaluate import distort
+    from .eval.plots import at_imagenet_c_levels, distortion_grid_title, distortion_panel_title, kind_title
+    from .eval.stats import registered_kinds
 
     try:
         import matplotlib
@@ -279,22 +287,26 @@ def _cmd_distort(args: argparse.Namespace) -> int:
     distortions = parse_distortions(args.distortions)
     image = _load_image(args.image, args.size, args.crop_pct, args.interpolation)
     kinds = distortions.kinds()
+    registry = registered_kinds()
     ncols = 1 + max(len(distortions.of_kind(k)) for k in kinds)
-    fig, axes = plt.subplots(len(kinds), ncols, figsize=(2.1 * ncols, 2.6 * len(kinds)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(kinds), ncols, figsize=(1.9 * ncols, 2.1 * len(kinds) + 0.6), squeeze=False, layout="constrained"
+    )
     index = {c.name: i + 1 for i, c in enumerate(distortions)}
     for row, kind in zip(axes, kinds):
         panels = [Distortion("clean")] + distortions.of_kind(kind)
+        levels = at_imagenet_c_levels(kind, [c.sigma for c in panels[1:]])
         for ax in row:
             ax.axis("off")
         for ax, cond in zip(row, panels):
             out = distort(image, cond, seed=args.seed, condition_index=index.get(cond.name, 0))
             ax.imshow(out[0].permute(1, 2, 0).clamp(0, 1).numpy())
-            unit = {"noise": " (0-255)", "blur": " px"}.get(cond.kind, "")
-            symbol = "σ=" if cond.kind in ("noise", "blur") else ""
-            title = "clean" if cond.kind == "clean" else f"{cond.kind} {symbol}{cond.sigma:g}{unit}"
-            ax.set_title(title, fontsize=9)
-    fig.suptitle(f"{Path(args.image).name}: {distortions.to_text()}", fontsize=10)
-    fig.tight_layout()
+            ax.set_title(distortion_panel_title(cond, levels), fontsize=8)
+        # the row's kind (and family) left of its clean image: axis('off') hides y labels, so it is a text
+        family = registry[kind].family if kind in registry else kind
+        label = kind_title(kind) + (f"\n({family})" if family not in kind else "")
+        row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right", va="center", fontsize=9)
+    fig.suptitle(distortion_grid_title(Path(args.image).name, args.size, args.distortions, distortions), fontsize=10)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, dpi=100)
     plt.close(fig)
@@ -337,7 +349,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(text + "\n")
     if args.plot:
-        plot_accuracy_vs_sigma(results, args.plot)
+        # the baseline dashed black, the other runs in colour
+        base = args.baseline if args.baseline is not None else None
+        others = {n: r for n, r in results.items() if n != base}
+        if base is not None and others:
+            plot_accuracy_vs_sigma(others, args.plot, reference=results[base], reference_name=f"{base} (baseline)")
+        else:
+            plot_accuracy_vs_sigma(results, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
 

@@ -207,8 +207,11 @@ def mean_corruption_error(
 
     Returns:
         ``{"corruptions": {kind: {"top1", "error_sum", "baseline_error_sum", "ce", "relative_ce"}}, "mce",
-        "relative_mce", "clean_error", "baseline_clean_error"}`` (``top1`` is the mean over the kind's severities;
-        a relative CE is ``nan`` when the baseline loses nothing on that corruption).
+        "relative_mce", "relative_mce_defined", "relative_undefined", "clean_error", "baseline_clean_error"}``
+        (``top1`` is the mean over the kind's severities;
+        a relative CE is ``nan`` when the baseline loses nothing on that corruption: its error there is not above
+        its clean error, and the relative CE divides by that difference; ``relative_mce`` is then ``nan`` too, and
+        ``"relative_undefined"`` names those corruptions and ``"relative_mce_defined"`` averages the others).
 
     Raises:
         ValueError: a condition is missing from the baseline, or the baseline makes no error on a corruption.
@@ -240,10 +243,13 @@ def mean_corruption_error(
     if not corruptions:
         raise ValueError("no corrupted conditions in these results: nothing to compute a corruption error of")
     rel = [c["relative_ce"] for c in corruptions.values()]
+    defined = [r for r in rel if not math.isnan(r)]
     return {
         "corruptions": corruptions,
         "mce": sum(c["ce"] for c in corruptions.values()) / len(corruptions),
         "relative_mce": sum(rel) / len(rel),
+        "relative_mce_defined": sum(defined) / len(defined) if defined else math.nan,
+        "relative_undefined": [k for k, c in corruptions.items() if math.isnan(c["relative_ce"])],
         "clean_error": clean_err,
         "baseline_clean_error": base_clean_err,
     }
@@ -292,7 +298,24 @@ def format_corruption_table(
     )
     if scores:
         lines.append(row("**mCE**", [x for s in scores.values() for x in ("", f"{scale * s['mce']:.1f}")]))
-        lines.append(
-            row("**relative mCE**", [x for s in scores.values() for x in ("", f"{scale * s['relative_mce']:.1f}")])
-        )
+
+        def relative(s: Mapping[str, Any]) -> str:
+            return "undefined (see below)" if math.isnan(s["relative_mce"]) else f"{scale * s['relative_mce']:.1f}"
+
+        lines.append(row("**relative mCE**", [x for s in scores.values() for x in ("", relative(s))]))
+        undefined = sorted({k for s in scores.values() for k in s["relative_undefined"]})
+        if undefined:
+            base_clean = 1.0 - next(iter(scores.values()))["baseline_clean_error"]
+            others = ", ".join(
+                f"{name} {scale * s['relative_mce_defined']:.1f}"
+                for name, s in scores.items()
+                if not math.isnan(s["relative_mce_defined"])
+            )
+            lines.append("")
+            lines.append(
+                "Relative mCE is undefined here: relative CE divides a model's drop from clean accuracy by the "
+                f"baseline's, and the baseline loses nothing under {', '.join(undefined)} (its mean top-1 over "
+                f"their severities is not below its clean {base_clean:.{digits}f}). "
+                + (f"Over the other corruptions: {others}." if others else "No corruption has a relative CE.")
+            )
     return "\n".join(lines)
