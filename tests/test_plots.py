@@ -122,3 +122,25 @@ def test_relative_mce_explained_when_undefined():
     table = format_corruption_table({"icl": model}, base)
     assert "| **relative mCE** |  |  | undefined (see below) |" in table
     assert "the baseline loses nothing under brightness" in table and "Over the other corruptions: icl " in table
+
+
+def test_eval_plot_draws_the_baseline(tmp_path, figures):
+    import numpy as np
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "validation" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((30, 30, 3), 90, np.uint8)).save(tmp_path / "data" / "validation" / cls / "0.png")
+    args = ["eval", "vgg_tiny", "--no-pretrained", "--num-classes", "2", "--dataset", str(tmp_path / "data")]
+    args += ["--distortions", "noise:20.4,30.6 jpeg:1,2", "-q"]
+    assert main([*args, "-o", str(tmp_path / "base.json"), "--name", "plain"]) == 0
+    figures.clear()
+    assert main([*args, "--baseline", str(tmp_path / "base.json"), "--plot", str(tmp_path / "p.png")]) == 0
+    (fig,) = [f for f in figures if f.legends]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["plain (baseline)", "vgg_tiny"]
+    note = legend.get_title().get_text().replace("\n", " ")
+    assert note.startswith("2 images of data validation per condition")  # the folder's name, not its path
+    assert fig._suptitle.get_text() == "vgg_tiny on data validation"  # the folder's name, not its path
+    for ax in [a for a in fig.axes if a.get_visible()]:
+        assert [line.get_label() for line in ax.get_lines()][:2] == ["plain (baseline)", "vgg_tiny"]

@@ -114,6 +114,12 @@ def _interval(runs: Sequence[Result], name: str) -> tuple[float, float]:
     return math.nan, math.nan
 
 
+def _dataset_name(dataset: str) -> str:
+    """A local folder by its name (a figure is shared; its path is nobody else's), anything else as given."""
+    path = Path(str(dataset))
+    return path.name if path.is_absolute() or str(dataset).startswith(".") or path.is_dir() else str(dataset)
+
+
 def _image_counts(runs_by_name: Mapping[str, Sequence[Result]]) -> str:
     counts = {}
     for name, runs in runs_by_name.items():
@@ -124,7 +130,12 @@ def _image_counts(runs_by_name: Mapping[str, Sequence[Result]]) -> str:
             counts[name] = "/".join(f"{v:,}" for v in sorted(values))
     if not counts:
         return "number of images not recorded"
-    where = {f"{r.get('dataset')} {r.get('split')}" for rs in runs_by_name.values() for r in rs if r.get("dataset")}
+    where = {
+        f"{_dataset_name(r['dataset'])} {r.get('split')}"
+        for rs in runs_by_name.values()
+        for r in rs
+        if r.get("dataset")
+    }
     on = f" of {where.pop()}" if len(where) == 1 else ""
     if len(set(counts.values())) == 1:
         return f"{next(iter(counts.values()))} images{on} per condition"
